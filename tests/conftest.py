@@ -1,7 +1,62 @@
-"""Test setup: simulate an 8-device mesh on the CPU (must run before jax is imported)."""
+"""Test setup: an 8-device simulated CPU mesh (set before jax is imported) and shared fixtures."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+CHAT_PROMPTS = [
+    "Hi!",
+    "What is the capital of France?",
+    "Write a haiku about the sea, then explain which image in it you like best and why.",
+    "List three prime numbers greater than 100 and show how you checked that each of them is prime. "
+    "Keep the explanation short, but do not skip any step of the check.",
+]
+
+
+def single_device_mesh():
+    from mrjax.mesh import make_mesh
+
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded default (SmolLM2-135M-Instruct GGUF) on one device: (model, tokenizer)."""
+    from mrjax import load_pretrained
+
+    return load_pretrained("smollm2-135m-instruct", mesh=single_device_mesh(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smol():
+    """transformers' PyTorch model from the same GGUF (float32, dequantised): the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from mrjax.model.registry import embedded_gguf_path
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    path = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smol_hf_dir(hf_smol, smol, tmp_path_factory):
+    """The embedded model as a plain HF directory written by transformers (quantization_config dropped)."""
+    directory = tmp_path_factory.mktemp("smol_hf")
+    if hasattr(hf_smol.config, "quantization_config"):
+        del hf_smol.config.quantization_config
+    hf_smol.hf_quantizer = None
+    hf_smol.save_pretrained(str(directory))
+    smol[1].hf.save_pretrained(str(directory))
+    return directory

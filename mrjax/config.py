@@ -1,0 +1,205 @@
+"""Every setting of mrjax as frozen dataclasses, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/smollm2.yaml", ["train.learning_rate=1e-6", "mesh.tensor=4"])
+
+Unknown keys and values of the wrong type are errors that name the dotted key.
+Defaults follow SPEC.md; values marked *(uncertain)* there are plain fields here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    # A registry name (smollm2-135m-instruct, tiny-random, llama3-8b), an HF checkpoint dir or a .gguf path.
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # stored parameter dtype; optimizer state is always float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    # Sizes of the mesh axes; -1 takes the devices that are left.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    batch_size: int = 32  # prompts*samples decoded together
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    kind: str = "dpo"  # dpo | sft
+    pairs: str = ""  # JSONL of {"prompt","chosen","rejected"} (dpo) or {"prompt","completion"} (sft)
+    eval_pairs: str = ""
+    max_length: int = 1024  # prompt + completion tokens
+    batch_size: int = 32  # global batch (pairs per optimizer step)
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+    learning_rate: float = 5e-6
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationSettings:
+    """One Meta-Rewarding iteration (SPEC steps 1-5)."""
+
+    iterations: int = 4
+    prompts_per_iteration: int = 5000
+    responses_per_prompt: int = 7  # K
+    judgments_per_response: int = 11  # N
+    actor_temperature: float = 0.8
+    actor_top_p: float = 0.95
+    judge_temperature: float = 0.8
+    judge_top_p: float = 0.95
+    rho: tuple[float, ...] = (0.0, 0.32, 0.32, 0.4)  # per iteration (uncertain)
+    max_chosen_chars: tuple[int, ...] = (2500, 0, 0, 0)  # per iteration, 0 = off (uncertain)
+    judge_training_iterations: tuple[int, ...] = (1, 2)
+    max_judgment_chars: tuple[int, ...] = (1100, 1000)  # per judge-training iteration (uncertain)
+    expected_score: bool = False  # probability-weighted judge score instead of parsing (beyond the paper)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelSettings = ModelSettings()
+    mesh: MeshSettings = MeshSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    train: TrainSettings = TrainSettings()
+    dpo: DPOSettings = DPOSettings()
+    iteration: IterationSettings = IterationSettings()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults) and apply ``key.sub=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    return from_dict(Config, raw)
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys in this section: {', '.join(sorted(fields))}"
+        )
+    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), for writing back to YAML."""
+    out = dataclasses.asdict(config)
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(out)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(hint)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(items))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DPOSettings",
+    "IterationSettings",
+    "MeshSettings",
+    "ModelSettings",
+    "SamplingSettings",
+    "TrainSettings",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]

@@ -1,0 +1,118 @@
+"""The device mesh (axes ``data``, ``fsdp``, ``tensor``) and the one logical-axis sharding table.
+
+Parameters and activations name logical axes; ``LOGICAL_AXIS_RULES`` maps each to
+mesh axes. Changing parallelism is a change of mesh sizes, never of model code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes. Parameters shard their `embed` dim over fsdp and their
+# head/mlp/vocab dims over tensor; activations shard `batch` over data and fsdp.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host job when launched as one (TPU pods, or JAX_COORDINATOR_ADDRESS set)."""
+    if jax.process_count() > 1:
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all) with axes (data, fsdp, tensor); one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide into fsdp*tensor*data={known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices are available; "
+            "set the sizes so their product is the device count (or use -1 for one axis)"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def mesh_from_settings(settings: Any) -> Mesh:
+    """Build the mesh from a ``config.MeshSettings``."""
+    return make_mesh(settings.data, settings.fsdp, settings.tensor)
+
+
+def logical_to_spec(
+    names: Iterable[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dims carry logical ``names``.
+
+    A mesh axis is used at most once per array (first dim wins). With ``shape`` and
+    ``mesh`` given, a dim that the mesh axes do not divide evenly stays replicated
+    (e.g. SmolLM2's 9 heads on tensor=4) rather than failing.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(names):
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule in the sharding table")
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes and shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
+                log.debug("dim %d (%s, size %d) not divisible by %s: replicated", dim, name, shape[dim], axes)
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, abstract_tree: Any) -> Any:
+    """Shardings for a tree of arrays given the matching tree of logical-name tuples."""
+    return jax.tree.map(
+        lambda names, x: named_sharding(mesh, names, x.shape),
+        logical_tree,
+        abstract_tree,
+        is_leaf=lambda n: isinstance(n, tuple) and all(isinstance(a, (str, type(None))) for a in n),
+    )
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, names: Sequence[str | None]) -> jax.Array:
+    """Activation sharding constraint by logical names (a no-op without a mesh)."""
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))

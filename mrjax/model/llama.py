@@ -1,0 +1,274 @@
+"""The Llama-3 architecture in Flax: GQA, RoPE (with Llama-3.1 scaling), RMSNorm, SwiGLU.
+
+One forward serves training, prefill and decode. Layers are scanned (one compiled
+block for all layers). The KV cache is an explicit input and output, so every
+function stays pure:
+
+    logits, cache = Llama(cfg).apply({"params": p}, tokens, positions, kv_mask, cache, cache_index)
+
+``kv_mask[b, s]`` says which key slots hold real tokens (left padding is False);
+query ``t`` attends to slot ``s`` when ``kv_mask[b, s]`` and ``s <= cache_index + t``.
+Every parameter and main activation names logical axes (see ``mrjax.mesh``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mrjax.mesh import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 frequency scaling (``rope_type: llama3`` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def num_params(self) -> int:
+        e, m, h, k, d = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        layer = e * d * (2 * h + 2 * k) + 3 * e * m + 2 * e
+        head = 0 if self.tie_word_embeddings else e * self.vocab_size
+        return self.vocab_size * e + self.num_layers * layer + e + head
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @staticmethod
+    def zeros(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# Logical axes of the cache, so samplers shard it to match the attention heads.
+KV_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] in float32, as HF computes them (incl. llama3 scaling)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate [B, T, heads, head_dim] by ``positions`` [B, T] (HF half-split layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...], init=None):
+    init = init or nn.initializers.normal(stddev=0.02)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+        c = self.config
+        e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = _param(self, "q", (e, h, d), ("embed", "heads", "head_dim")).astype(self.dtype)
+        wk = _param(self, "k", (e, k, d), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
+        wv = _param(self, "v", (e, k, d), ("embed", "kv_heads", "head_dim")).astype(self.dtype)
+        wo = _param(self, "o", (h, d, e), ("heads", "head_dim", "embed")).astype(self.dtype)
+
+        inv_freq = rope_frequencies(c)
+        q = apply_rope(jnp.einsum("bte,ehd->bthd", x, wq), positions, inv_freq)
+        key = apply_rope(jnp.einsum("bte,ekd->btkd", x, wk), positions, inv_freq)
+        value = jnp.einsum("bte,ekd->btkd", x, wv)
+        q = constrain(q, self.mesh, ("batch", "seq", "heads", None))
+
+        T = x.shape[1]
+        if layer_cache is None:  # training / plain forward: keys are this call's tokens
+            keys, values, new_cache = key, value, None
+            first_slot = 0
+        else:  # write this call's keys at [cache_index, cache_index + T) and attend over the cache
+            ck, cv = layer_cache
+            keys = jax.lax.dynamic_update_slice(ck, key.astype(ck.dtype), (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cv, value.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (keys, values)
+            first_slot = cache_index
+        keys = constrain(keys, self.mesh, ("batch", "seq", "kv_heads", None))
+        values = constrain(values, self.mesh, ("batch", "seq", "kv_heads", None))
+
+        S = keys.shape[1]
+        query_slot = first_slot + jnp.arange(T)
+        allowed = (jnp.arange(S)[None, :] <= query_slot[:, None])[None] & kv_mask[:, None, :]  # [B, T, S]
+
+        groups = h // k
+        q = q.reshape(q.shape[0], T, k, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(self.dtype)).astype(jnp.float32)
+        scores = scores / math.sqrt(d)
+        # A large finite negative, not -inf: fully padded query rows stay finite (and are ignored).
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(self.dtype)).reshape(x.shape[0], T, h, d)
+        return jnp.einsum("bthd,hde->bte", out, wo), new_cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        e, m = self.config.hidden_size, self.config.intermediate_size
+        gate = _param(self, "gate", (e, m), ("embed", "mlp")).astype(self.dtype)
+        up = _param(self, "up", (e, m), ("embed", "mlp")).astype(self.dtype)
+        down = _param(self, "down", (m, e), ("mlp", "embed")).astype(self.dtype)
+        hidden = jax.nn.silu(x @ gate) * (x @ up)
+        hidden = constrain(hidden, self.mesh, ("batch", "seq", "mlp"))
+        return hidden @ down
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, kv_mask, cache_index):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = self.config.rms_norm_eps
+        attn_out, new_cache = Attention(self.config, mesh=self.mesh, name="attn", **kw)(
+            RMSNorm(eps, name="attn_norm", **kw)(x), positions, kv_mask, layer_cache, cache_index
+        )
+        x = x + attn_out
+        x = x + MLP(self.config, mesh=self.mesh, name="mlp", **kw)(RMSNorm(eps, name="mlp_norm", **kw)(x))
+        x = constrain(x, self.mesh, ("batch", "seq", None))
+        return x, new_cache
+
+
+class Llama(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32  # compute dtype; logits are always float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    mesh: Mesh | None = None  # for activation sharding constraints
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,  # int32 [B, T]
+        positions: jax.Array | None = None,  # int32 [B, T]
+        kv_mask: jax.Array | None = None,  # bool [B, S]: S = T without a cache, the cache length with one
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,  # first cache slot this call writes
+        return_hidden: bool = False,  # final-norm hidden states instead of logits (for chunked log-probs)
+    ):
+        c = self.config
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if kv_mask is None:
+            kv_mask = jnp.ones((B, T if cache is None else cache.k.shape[2]), bool)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        x = constrain(x, self.mesh, ("batch", "seq", None))
+
+        block = Block
+        if self.remat:
+            block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, mesh=self.mesh, name="layers", **kw)
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        x, new_caches = layers(x, layer_caches, positions, kv_mask, jnp.asarray(cache_index, jnp.int32))
+        x = RMSNorm(c.rms_norm_eps, name="final_norm", **kw)(x)
+        new_cache = None if cache is None else KVCache(*new_caches)
+        if return_hidden:
+            return x, new_cache
+
+        if c.tie_word_embeddings:
+            unembed = embedding.T
+        else:
+            unembed = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+        logits = jnp.einsum("bte,ev->btv", x, unembed.astype(self.dtype)).astype(jnp.float32)
+        logits = constrain(logits, self.mesh, ("batch", "seq", "vocab"))
+        return logits, new_cache
+
+
+def unembedding(params: dict, config: LlamaConfig) -> jax.Array:
+    """The [embed, vocab] output matrix (the embedding's transpose when tied)."""
+    return params["embedding"].T if config.tie_word_embeddings else params["lm_head"]
