@@ -42,7 +42,7 @@ DEFAULT_SCORE_ATOL = 1e-5
 DEFAULT_VARIANCE_ATOL = 1e-9
 # Bradley-Terry: L2 strength, Newton steps, and the largest move of one step.
 DEFAULT_L2 = 0.01
-DEFAULT_NEWTON_STEPS = 30
+DEFAULT_NEWTON_STEPS = 20
 DEFAULT_MAX_NEWTON_STEP = 4.0
 # Chosen and rejected judgments closer than this in Elo are a tie: no pair.
 DEFAULT_MIN_ELO_GAP = 1e-4
@@ -380,6 +380,25 @@ def battle_matrix(meta_results, meta_mask, omega1, omega2) -> jax.Array:
     )
 
 
+def _solve_diagonally_dominant(matrix, rhs):
+    """Solve matrix @ x = rhs by Gauss-Jordan elimination without pivoting.
+
+    Valid (and stable) here because the negative Hessian below is strictly
+    diagonally dominant (a Laplacian plus l2 I), and several times faster on CPU
+    than the batched LAPACK solve for thousands of small N x N systems.
+    """
+    index = jnp.arange(matrix.shape[-1])
+
+    def eliminate(k, state):
+        matrix, rhs = state
+        pivot_row = matrix[k]
+        factors = jnp.where(index == k, 0.0, matrix[:, k] / pivot_row[k])
+        return matrix - factors[:, None] * pivot_row[None, :], rhs - factors * rhs[k]
+
+    matrix, rhs = jax.lax.fori_loop(0, matrix.shape[-1], eliminate, (matrix, rhs))
+    return rhs / jnp.diagonal(matrix)
+
+
 def _elo_one(battles, mask, l2, newton_steps, max_step):
     """Newton ascent on sum B[m,n] log sigmoid(e_m - e_n) - l2/2 |e|^2 for one prompt."""
     pair_mask = mask[:, None] & mask[None, :] & _off_diagonal(battles.shape)
@@ -395,7 +414,7 @@ def _elo_one(battles, mask, l2, newton_steps, max_step):
         weight = games * p_win * (1.0 - p_win)
         # Negative Hessian = weighted graph Laplacian + l2 I: symmetric positive definite.
         neg_hessian = jnp.diag(jnp.sum(weight, axis=1)) - weight + l2 * eye
-        delta = jnp.linalg.solve(neg_hessian, grad)
+        delta = _solve_diagonally_dominant(neg_hessian, grad)
         # Far from the optimum the logistic curvature vanishes and a full Newton
         # step can overshoot; cap the largest move, keep the direction.
         scale = jnp.minimum(1.0, max_step / jnp.maximum(jnp.max(jnp.abs(delta)), 1e-30))
