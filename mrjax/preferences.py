@@ -8,6 +8,7 @@ Public API::
 
     scores, has_score = response_scores(judgment_scores, judgment_mask)            # [P,K,N] -> [P,K]
     chosen, rejected, valid = actor_pairs(scores, lengths, mask, rho=0.32)         # [P,K] -> [P]
+    top, bottom = length_control_tiers(scores, mask, rho=0.32)                     # [P,K] -> [P,K]
     response_idx, selected, variance = select_judged_response(judgment_scores, judgment_mask)
     pairs = judge_pairs(judgment_scores, judgment_mask, judgment_lengths,
                         meta_results, meta_mask)                                   # -> JudgePairs
@@ -195,7 +196,7 @@ def response_scores(judgment_scores, judgment_mask=None) -> tuple[jax.Array, jax
 # ------------------------------------------------------------------ step 4
 
 
-def _actor_pair_one(scores, lengths, mask, rho, max_chosen_chars, score_atol):
+def _tiers_one(scores, mask, rho, score_atol):
     any_valid = jnp.any(mask)
     s_max = jnp.where(any_valid, jnp.max(jnp.where(mask, scores, -jnp.inf)), 0.0)
     s_min = jnp.where(any_valid, jnp.min(jnp.where(mask, scores, jnp.inf)), 0.0)
@@ -203,6 +204,33 @@ def _actor_pair_one(scores, lengths, mask, rho, max_chosen_chars, score_atol):
     bottom_threshold = (1.0 - rho) * s_min + rho * s_max
     top_tier = mask & (scores >= top_threshold - score_atol)
     bottom_tier = mask & (scores <= bottom_threshold + score_atol)
+    return top_tier, bottom_tier, any_valid, s_max, s_min
+
+
+@jax.jit
+def _length_control_tiers(scores, mask, rho, score_atol):
+    top, bottom, *_ = jax.vmap(_tiers_one, in_axes=(0, 0, None, None))(scores, mask, rho, score_atol)
+    return top, bottom
+
+
+def length_control_tiers(
+    scores, mask=None, rho: float = 0.0, score_atol: float = DEFAULT_SCORE_ATOL
+) -> tuple[jax.Array, jax.Array]:
+    """The top and bottom tiers of actor_pairs, [P, K] bool each (for inspection and logging).
+
+    top: S >= (1-rho)*S_max + rho*S_min; bottom: S <= (1-rho)*S_min + rho*S_max,
+    both inclusive up to score_atol, over the masked responses of each prompt.
+    """
+    scores = _as_float(scores, "scores")
+    _check_ndim(scores, 2, "scores", "[P, K]")
+    mask = _as_mask(mask, scores.shape, "mask")
+    return _length_control_tiers(
+        scores, mask, _check_fraction(rho, "rho"), _check_nonnegative(score_atol, "score_atol")
+    )
+
+
+def _actor_pair_one(scores, lengths, mask, rho, max_chosen_chars, score_atol):
+    top_tier, bottom_tier, any_valid, s_max, s_min = _tiers_one(scores, mask, rho, score_atol)
     lengths_f = lengths.astype(jnp.float32)
     # Chosen: shortest in the top tier; among equal lengths the higher score.
     chosen = _first_lexmin(top_tier, lengths_f, -scores)
@@ -595,7 +623,8 @@ def judge_pairs(
 
 @jax.jit
 def _expected_score(logits, score_token_ids):
-    score_logits = jnp.take(logits.astype(jnp.float32), score_token_ids, axis=-1)
+    # Gather the six columns before casting: the full [..., V] stays in its dtype.
+    score_logits = jnp.take(logits, score_token_ids, axis=-1).astype(jnp.float32)
     probs = jax.nn.softmax(score_logits, axis=-1)
     values = jnp.arange(score_token_ids.shape[0], dtype=jnp.float32)
     return jnp.sum(probs * values, axis=-1)

@@ -140,8 +140,9 @@ def fill_meta_judge_prompt(prompt: str, response: str, judgment_a: str, judgment
 def fill_self_instruct_prompt(examples: Sequence[str], num_examples: int = SELF_INSTRUCT_NUM_EXAMPLES) -> str:
     """A prompt asking for one new instruction after `num_examples` example tasks.
 
-    The text ends with an open ``<task>`` so the model writes the new task and
-    closes it; read the answer with :func:`parse_self_instruct`.
+    Each example is put on one line (whitespace collapsed) so the list stays
+    one task per line. The text ends with an open ``<task>`` so the model
+    writes the new task and closes it; read it with :func:`parse_self_instruct`.
     """
     if isinstance(examples, str):
         raise TypeError("examples must be a sequence of strings, not one string")

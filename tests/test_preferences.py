@@ -122,6 +122,16 @@ def test_length_control_hand_worked():
     assert (int(chosen[0]), int(rejected[0]), bool(valid[0])) == (0, 3, True)
 
 
+def test_top_tier_is_4_04_to_5_for_smax_5_smin_2_rho_0_32():
+    grid = np.round(np.arange(200, 501) / 100, 2)  # 2.00, 2.01, ..., 5.00
+    top, bottom = (np.asarray(t)[0] for t in pf.length_control_tiers(grid[None], rho=0.32))
+    np.testing.assert_array_equal(grid[top], grid[grid >= 4.04 - 1e-9])
+    assert grid[top].min() == 4.04 and grid[top].max() == 5.0
+    assert grid[bottom].min() == 2.0 and grid[bottom].max() == 2.96
+    with pytest.raises(ValueError, match="rho"):
+        pf.length_control_tiers(grid[None], rho=2.0)
+
+
 def test_tier_boundaries_are_inclusive_despite_float_rounding():
     # 4.04 sits exactly on the top-tier threshold and 2.96 on the bottom one.
     scores = [[5.0, 4.04, 4.039, 2.0, 2.96, 2.961]]
@@ -238,6 +248,21 @@ def test_rho_zero_is_max_versus_min_with_length_tie_breaks(batch):
         assert rejected[p] in worst and lengths[p, rejected[p]] == lengths[p, worst].max()
 
 
+@SETTINGS
+@given(
+    st.integers(0, 30),
+    st.lists(st.integers(1, 50), min_size=8, max_size=8),
+    st.integers(1, 8),
+    st.integers(0, 100),
+)
+def test_all_equal_scores_give_no_pair(score_units, lengths, count, rho_percent):
+    scores = np.full((3, 8), score_units / 6, np.float32)
+    mask = np.tile(np.arange(8) < count, (3, 1))
+    scores[:, count:] = 0.0  # padding with a different score must not create a pair
+    valid = pf.actor_pairs(scores, np.tile(lengths, (3, 1)), mask, rho=rho_percent / 100).valid
+    assert not np.asarray(valid).any()
+
+
 def test_actor_pairs_compile_once_across_hyperparameters():
     scores, lengths = np.random.default_rng(0).uniform(0, 5, (4, 5)), np.full((4, 5), 10)
     pf.actor_pairs(scores, lengths, rho=0.0)
@@ -245,6 +270,20 @@ def test_actor_pairs_compile_once_across_hyperparameters():
     for rho, limit in ((0.32, 2500), (0.4, None), (1.0, 10)):
         pf.actor_pairs(scores, lengths, rho=rho, max_chosen_chars=limit)
     assert pf._actor_pairs._cache_size() == before
+
+
+def test_public_functions_work_inside_an_outer_jit():
+    import jax
+
+    scores = np.array([[5.0, 4.2, 2.0]], np.float32)
+    lengths = np.array([[1900, 1500, 800]])
+
+    @jax.jit
+    def pairs(scores, lengths, rho):
+        return pf.actor_pairs(scores, lengths, None, rho=rho)
+
+    assert int(pairs(scores, lengths, 0.32).chosen[0]) == 1
+    assert int(pairs(scores, lengths, 0.0).chosen[0]) == 0
 
 
 def test_actor_pairs_reject_bad_input():
