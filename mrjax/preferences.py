@@ -74,11 +74,17 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _as_float(x, name: str) -> jax.Array:
+def _as_float(x) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
     return x
+
+
+def _check_finite_where(values: jax.Array, mask: jax.Array, name: str) -> None:
+    """A NaN score under the mask (e.g. a mean of no judgments) would silently lose pairs."""
+    if _is_concrete(values) and _is_concrete(mask) and not bool(jnp.all(jnp.isfinite(values) | ~mask)):
+        raise ValueError(f"{name} must be finite wherever the mask is True")
 
 
 def _as_int(x, name: str) -> jax.Array:
@@ -187,9 +193,10 @@ def response_scores(judgment_scores, judgment_mask=None) -> tuple[jax.Array, jax
     [P, K]); a response with no valid judgment has has_score False and score 0.
     Feed has_score as the mask of :func:`actor_pairs`.
     """
-    judgment_scores = _as_float(judgment_scores, "judgment_scores")
+    judgment_scores = _as_float(judgment_scores)
     _check_ndim(judgment_scores, 3, "judgment_scores", "[P, K, N]")
     judgment_mask = _as_mask(judgment_mask, judgment_scores.shape, "judgment_mask")
+    _check_finite_where(judgment_scores, judgment_mask, "judgment_scores")
     return _response_scores(judgment_scores, judgment_mask)
 
 
@@ -221,7 +228,7 @@ def length_control_tiers(
     top: S >= (1-rho)*S_max + rho*S_min; bottom: S <= (1-rho)*S_min + rho*S_max,
     both inclusive up to score_atol, over the masked responses of each prompt.
     """
-    scores = _as_float(scores, "scores")
+    scores = _as_float(scores)
     _check_ndim(scores, 2, "scores", "[P, K]")
     mask = _as_mask(mask, scores.shape, "mask")
     return _length_control_tiers(
@@ -274,11 +281,12 @@ def actor_pairs(
 
     Returns ActorPairs(chosen [P] int32, rejected [P] int32, valid [P] bool).
     """
-    scores = _as_float(scores, "scores")
+    scores = _as_float(scores)
     _check_ndim(scores, 2, "scores", "[P, K]")
     lengths = _as_int(lengths, "lengths")
     _check_same_shape(lengths, scores.shape, "lengths", "scores")
     mask = _as_mask(mask, scores.shape, "mask")
+    _check_finite_where(scores, mask, "scores")
     return _actor_pairs(
         scores,
         lengths,
@@ -326,9 +334,10 @@ def select_judged_response(
     skipped when that variance is 0 (<= variance_atol).
     Returns (response_idx [P] int32, selected [P] bool, variance [P, K]).
     """
-    judgment_scores = _as_float(judgment_scores, "judgment_scores")
+    judgment_scores = _as_float(judgment_scores)
     _check_ndim(judgment_scores, 3, "judgment_scores", "[P, K, N]")
     judgment_mask = _as_mask(judgment_mask, judgment_scores.shape, "judgment_mask")
+    _check_finite_where(judgment_scores, judgment_mask, "judgment_scores")
     if int(min_judgments) < 2:
         raise ValueError(f"min_judgments must be >= 2 (a pair needs two judgments), got {min_judgments}")
     return _select_judged_response(
@@ -472,7 +481,7 @@ def bradley_terry_elo(
     shift-invariant, so at the optimum the L2 term pins the mean to exactly 0
     and keeps a player that wins everything finite. Masked players get 0.
     """
-    battles = _as_float(battles, "battles")
+    battles = _as_float(battles)
     _check_ndim(battles, 3, "battles", "[P, N, N]")
     if battles.shape[1] != battles.shape[2]:
         raise ValueError(f"battles must be square in its last two axes, got {battles.shape}")
@@ -578,10 +587,11 @@ def judge_pairs(
     the Elo gap is <= min_elo_gap, or the chosen judgment is longer than
     max_judgment_chars (None = no limit).
     """
-    judgment_scores = _as_float(judgment_scores, "judgment_scores")
+    judgment_scores = _as_float(judgment_scores)
     _check_ndim(judgment_scores, 3, "judgment_scores", "[P, K, N]")
     shape = judgment_scores.shape
     judgment_mask = _as_mask(judgment_mask, shape, "judgment_mask")
+    _check_finite_where(judgment_scores, judgment_mask, "judgment_scores")
     judgment_lengths = _as_int(judgment_lengths, "judgment_lengths")
     _check_same_shape(judgment_lengths, shape, "judgment_lengths", "judgment_scores")
     meta_results = _check_meta_results(meta_results)

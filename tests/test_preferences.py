@@ -302,6 +302,12 @@ def test_actor_pairs_reject_bad_input():
         pf.actor_pairs(ok_scores, ok_lengths, max_chosen_chars=0)
     with pytest.raises(ValueError, match="whole numbers"):
         pf.actor_pairs(ok_scores, np.full((2, 3), 1.5))
+    nan_scores = ok_scores.copy()
+    nan_scores[0, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        pf.actor_pairs(nan_scores, ok_lengths)
+    # NaN under the mask is padding, not an error.
+    assert not bool(pf.actor_pairs(nan_scores, ok_lengths, ~np.isnan(nan_scores)).valid[0])
 
 
 def test_response_scores_mean_of_valid_judgments():
@@ -655,6 +661,8 @@ def test_judge_pairs_reject_bad_input():
         pf.judge_pairs(scores, None, lengths[:, :2], np.zeros((2, 4, 4), np.int8))
     with pytest.raises(ValueError, match="omega"):
         pf.judge_pairs(scores, None, lengths, np.zeros((2, 4, 4), np.int8), omega=(0.5,))
+    with pytest.raises(ValueError, match="finite"):
+        pf.judge_pairs(np.full((2, 3, 4), np.nan), None, lengths, np.zeros((2, 4, 4), np.int8))
     with pytest.raises(ValueError, match="max_judgment_chars"):
         pf.judge_pairs(scores, None, lengths, np.zeros((2, 4, 4), np.int8), max_judgment_chars=-1)
 
