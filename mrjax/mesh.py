@@ -36,8 +36,15 @@ def initialize_distributed() -> None:
     """Join a multi-host job when launched as one (TPU pods, or JAX_COORDINATOR_ADDRESS set)."""
     if jax.process_count() > 1:
         return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:  # generic multi-host GPU: the launcher exports address, process count and id
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
+        jax.distributed.initialize()  # TPU pods and SLURM are detected by jax itself
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
