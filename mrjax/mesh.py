@@ -34,7 +34,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 def initialize_distributed() -> None:
     """Join a multi-host job when launched as one (TPU pods, or JAX_COORDINATOR_ADDRESS set)."""
-    if jax.process_count() > 1:
+    # Must run before anything touches the backend (jax.devices() etc. would pin one process).
+    if jax.distributed.is_initialized():
         return
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:  # generic multi-host GPU: the launcher exports address, process count and id
