@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
     # A registry name (smollm2-135m-instruct, tiny-random, llama3-8b), an HF checkpoint dir or a .gguf path.
@@ -53,24 +58,55 @@ class TrainSettings:
     eval_pairs: str = ""
     max_length: int = 1024  # prompt + completion tokens
     batch_size: int = 32  # global batch (pairs per optimizer step)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per step; batch_size must be a multiple of it
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs decide
     learning_rate: float = 5e-6
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 100
-    keep_checkpoints: int = 2
+    weight_decay: float = 0.0  # AdamW decay; never applied to norm scales
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # global-norm clipping; 0 = off
+    save_every: int = 100  # checkpoint every N steps (and always at the end)
+    keep_checkpoints: int = 2  # kept-last-N
     log_every: int = 1
+    eval_every: int = 0  # evaluate eval_pairs every N steps; 0 = only at the end
+    resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints
+    shuffle: bool = True  # seed-shuffled order, a new permutation every epoch
+    min_bucket: int = 16  # shortest padded segment; lengths pad to powers of two up to max_length
+    max_logits_mb: int = 1024  # largest float32 logits block computed at once; larger batches chunk the sequence
+
+    def __post_init__(self):
+        _check(self.kind in ("dpo", "sft"), "train.kind", f"must be 'dpo' or 'sft', got {self.kind!r}")
+        _check(self.schedule in ("cosine", "linear", "constant"), "train.schedule",
+               f"must be cosine, linear or constant, got {self.schedule!r}")
+        for name in ("max_length", "batch_size", "grad_accum", "epochs", "save_every", "keep_checkpoints",
+                     "log_every", "min_bucket", "max_logits_mb"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "learning_rate", "weight_decay", "max_grad_norm", "adam_eps"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must not be negative, got {getattr(self, name)}")
+        _check(0 <= self.warmup_ratio <= 1, "train.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+               f"({self.batch_size}) must be a multiple of train.grad_accum ({self.grad_accum})")
+        _check(self.max_length >= 2, "train.max_length", "must leave room for a prompt and a completion token")
 
 
 @dataclasses.dataclass(frozen=True)
 class DPOSettings:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # sigmoid only: conservative DPO, in [0, 0.5)
+    share_prompt: bool = True  # run each prompt once and both completions from its KV cache
+
+    def __post_init__(self):
+        _check(self.beta > 0, "dpo.beta", f"must be positive, got {self.beta}")
+        _check(self.loss_type in ("sigmoid", "ipo", "hinge"), "dpo.loss_type",
+               f"must be sigmoid, ipo or hinge, got {self.loss_type!r}")
+        _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclasses.dataclass(frozen=True)

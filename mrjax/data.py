@@ -1,0 +1,362 @@
+"""Training data at the edge: pair / SFT JSONL files → token ids → padded, bucketed numpy batches.
+
+File formats (the ones TRL reads), one JSON object per line, blank lines ignored:
+
+- DPO pairs: ``{"prompt": ..., "chosen": "...", "rejected": "..."}``; optional
+  ``ref_chosen_logps`` / ``ref_rejected_logps`` (TRL's precomputed columns) are used as given.
+- SFT rows:  ``{"prompt": ..., "completion": "..."}``.
+
+A prompt is a string (one user turn) or a list of chat messages
+``[{"role": ..., "content": ...}, ...]``; it is rendered with the tokenizer's chat
+template and the generation prompt. A completion is a string (or a one-message
+assistant list, TRL's conversational form); the end-of-turn token is appended so
+the model learns to stop.
+
+Every problem with a file is a ``DataError`` naming the file and line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+COMPLETION_FIELDS = {"dpo": ("chosen", "rejected"), "sft": ("completion",)}
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and line."""
+
+
+# ---------------------------------------------------------------- files
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given if it exists, else relative to the installed package's parent
+    (so configs can name bundled files as ``mrjax/data/...`` from any directory)."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    bundled = PACKAGE_DIR.parent / p
+    return bundled if bundled.exists() else p
+
+
+def file_fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write rows atomically (temp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path}:{line}"
+
+
+def _check_prompt(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: 'prompt' is empty or whitespace-only")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f"{where}: 'prompt' is an empty list of messages")
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: prompt message {i} must be an object with string 'role' and 'content'")
+        return value
+    raise DataError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(value).__name__}")
+
+
+def _check_completion(value: Any, field: str, where: str) -> str:
+    if isinstance(value, list):  # TRL conversational form: [{"role": "assistant", "content": "..."}]
+        if len(value) != 1 or not isinstance(value[0], dict) or not isinstance(value[0].get("content"), str):
+            raise DataError(f"{where}: '{field}' as a message list must hold exactly one message with string 'content'")
+        value = value[0]["content"]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{field}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: '{field}' is empty or whitespace-only")
+    return value
+
+
+def read_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
+    """Validated rows ``(line number, row)`` of a DPO pair file (kind='dpo') or SFT file (kind='sft')."""
+    if kind not in COMPLETION_FIELDS:
+        raise ValueError(f"kind {kind!r} is not dpo or sft")
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{'pair' if kind == 'dpo' else 'SFT'} file not found: {path}")
+    fields = ("prompt",) + COMPLETION_FIELDS[kind]
+    rows: list[tuple[int, dict]] = []
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = _where(path, number)
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(raw, dict):
+                raise DataError(f"{where}: expected a JSON object with {', '.join(fields)}; got {type(raw).__name__}")
+            missing = [k for k in fields if k not in raw]
+            if missing:
+                raise DataError(f"{where}: missing field '{missing[0]}' (a {kind} row needs {', '.join(fields)})")
+            row = {"prompt": _check_prompt(raw["prompt"], where)}
+            for field in COMPLETION_FIELDS[kind]:
+                row[field] = _check_completion(raw[field], field, where)
+            if kind == "dpo":
+                refs = [raw.get("ref_chosen_logps"), raw.get("ref_rejected_logps")]
+                if any(r is not None for r in refs):
+                    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and np.isfinite(r) for r in refs):
+                        raise DataError(f"{where}: ref_chosen_logps and ref_rejected_logps must both be finite numbers")
+                    row["ref_logps"] = (float(refs[0]), float(refs[1]))
+            rows.append((number, row))
+    if not rows:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return rows
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+@dataclasses.dataclass
+class Examples:
+    """Tokenised examples of one file: a prompt and 2 (DPO) or 1 (SFT) completions each."""
+
+    kind: str
+    prompts: list[np.ndarray]
+    completions: list[tuple[np.ndarray, ...]]
+    source: str
+    lines: list[int]
+    fingerprint: str
+    truncated: int = 0  # completions cut to fit max_length
+    ref_logps: np.ndarray | None = None  # [n, 2] summed reference log-probs (DPO)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def repeats(self) -> int:
+        return len(COMPLETION_FIELDS[self.kind])
+
+
+def end_of_turn_text(tokenizer: Any) -> str:
+    """The text of the first end-of-turn id (SmolLM2: ``<|im_end|>``; Llama-3: ``<|eot_id|>``)."""
+    return tokenizer.hf.convert_ids_to_tokens(int(tokenizer.eos_ids[0]))
+
+
+def tokenize_rows(
+    rows: Sequence[tuple[int, dict]], tokenizer: Any, kind: str, max_length: int, source: str = "<rows>",
+    fingerprint: str = "",
+) -> Examples:
+    """Token ids for each row; a prompt that leaves no room for a completion token is an error,
+    a completion longer than the room left is truncated (and counted)."""
+    eot = end_of_turn_text(tokenizer)
+    prompts, completions, lines, refs = [], [], [], []
+    truncated = 0
+    for number, row in rows:
+        prompt_ids = np.asarray(tokenizer.encode(tokenizer.chat(row["prompt"])), np.int32)
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise DataError(
+                f"{source}:{number}: the prompt is {len(prompt_ids)} tokens, longer than the context "
+                f"(train.max_length={max_length} must leave room for at least one completion token)"
+            )
+        ids = []
+        for field in COMPLETION_FIELDS[kind]:
+            c = np.asarray(tokenizer.encode(row[field] + eot), np.int32)
+            if len(c) > room:
+                c, truncated = c[:room], truncated + 1
+            ids.append(c)
+        prompts.append(prompt_ids)
+        completions.append(tuple(ids))
+        lines.append(number)
+        refs.append(row.get("ref_logps"))
+    if truncated:
+        log.warning("%s: %d completions were truncated to fit train.max_length=%d", source, truncated, max_length)
+    ref_logps = None
+    if kind == "dpo" and all(r is not None for r in refs):
+        ref_logps = np.asarray(refs, np.float32)
+    return Examples(kind, prompts, completions, source, lines, fingerprint, truncated, ref_logps)
+
+
+def load_examples(path: str | Path, tokenizer: Any, kind: str, max_length: int) -> Examples:
+    """Read, validate and tokenise a DPO pair file or SFT file."""
+    resolved = resolve_path(path)
+    rows = read_rows(resolved, kind)
+    return tokenize_rows(rows, tokenizer, kind, max_length, str(resolved), file_fingerprint(resolved))
+
+
+# ---------------------------------------------------------------- batches
+
+
+def bucket_length(n: int, minimum: int, maximum: int) -> int:
+    """Padded length: the next power of two ≥ max(n, minimum), at most ``maximum`` (≥ n)."""
+    size = max(int(minimum), 1)
+    while size < n:
+        size *= 2
+    return max(min(size, int(maximum)), int(n))
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The example order of an epoch: a permutation fixed by (seed, epoch)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def make_batch(
+    examples: Examples,
+    indices: Sequence[int],
+    batch_size: int,
+    micro_batches: int,
+    pad_id: int,
+    max_length: int,
+    min_bucket: int = 16,
+) -> dict[str, np.ndarray]:
+    """Numpy arrays [A, b, ...] (A = micro_batches, b = batch_size / A) for ``mrjax.train_step``.
+
+    Fewer than ``batch_size`` indices are padded with weight-0 rows (the end of an epoch).
+    """
+    if not 0 < len(indices) <= batch_size or batch_size % micro_batches:
+        raise ValueError(f"{len(indices)} indices for a batch of {batch_size} in {micro_batches} micro-batches")
+    r = examples.repeats
+    weights = np.zeros(batch_size, np.float32)
+    weights[: len(indices)] = 1.0
+    rows = list(indices) + [indices[0]] * (batch_size - len(indices))
+    prefix_len = bucket_length(max(len(examples.prompts[i]) - 1 for i in rows), min_bucket, max_length)
+    length = bucket_length(max(len(c) for i in rows for c in examples.completions[i]), min_bucket, max_length)
+
+    prefix_tokens = np.full((batch_size, prefix_len), pad_id, np.int32)
+    prefix_positions = np.zeros((batch_size, prefix_len), np.int32)
+    prefix_mask = np.zeros((batch_size, prefix_len), bool)
+    tokens = np.full((batch_size * r, length), pad_id, np.int32)
+    targets = np.full((batch_size * r, length), pad_id, np.int32)
+    positions = np.zeros((batch_size * r, length), np.int32)
+    mask = np.zeros((batch_size * r, length), bool)
+    for row, i in enumerate(rows):
+        prompt = examples.prompts[i]
+        head = prompt[:-1]  # left-padded so the prompt's last token sits next to the completion segment
+        if len(head):
+            prefix_tokens[row, prefix_len - len(head):] = head
+            prefix_positions[row, prefix_len - len(head):] = np.arange(len(head))
+            prefix_mask[row, prefix_len - len(head):] = True
+        for j, completion in enumerate(examples.completions[i]):
+            k = row * r + j
+            n = len(completion)
+            tokens[k, 0] = prompt[-1]
+            tokens[k, 1:n] = completion[:-1]
+            targets[k, :n] = completion
+            positions[k] = len(head) + np.arange(length)
+            mask[k, :n] = True
+
+    batch = {
+        "prefix_tokens": prefix_tokens,
+        "prefix_positions": prefix_positions,
+        "prefix_mask": prefix_mask,
+        "tokens": tokens,
+        "positions": positions,
+        "targets": targets,
+        "mask": mask,
+        "weights": weights,
+    }
+    if examples.kind == "dpo":
+        ref = np.zeros((batch_size, 2), np.float32)
+        if examples.ref_logps is not None:
+            ref = examples.ref_logps[rows].astype(np.float32)
+        batch["ref_logps"] = ref
+    b = batch_size // micro_batches
+    return {k: v.reshape(micro_batches, b * (v.shape[0] // batch_size), *v.shape[1:]) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class DataPosition:
+    """Where training is in the data: the next batch is ``batch`` of ``epoch``'s order."""
+
+    epoch: int
+    batch: int
+
+
+class Batcher:
+    """Deterministic batches: step s is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``,
+    each epoch a fresh (seed, epoch) permutation; the last batch of an epoch may be short
+    (padded with weight-0 rows), so every example is seen exactly once per epoch."""
+
+    def __init__(
+        self,
+        examples: Examples,
+        batch_size: int,
+        micro_batches: int,
+        seed: int,
+        pad_id: int,
+        max_length: int,
+        shuffle: bool = True,
+        min_bucket: int = 16,
+    ):
+        self.examples, self.batch_size, self.micro_batches = examples, batch_size, micro_batches
+        self.seed, self.pad_id, self.max_length, self.shuffle, self.min_bucket = (
+            seed, pad_id, max_length, shuffle, min_bucket
+        )
+        self.steps_per_epoch = -(-len(examples) // batch_size)
+
+    def position(self, step: int) -> DataPosition:
+        return DataPosition(step // self.steps_per_epoch, step % self.steps_per_epoch)
+
+    def indices(self, step: int) -> np.ndarray:
+        pos = self.position(step)
+        order = epoch_order(len(self.examples), self.seed, pos.epoch, self.shuffle)
+        return order[pos.batch * self.batch_size: (pos.batch + 1) * self.batch_size]
+
+    def batch(self, step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        idx = self.indices(step)
+        return (
+            make_batch(self.examples, idx, self.batch_size, self.micro_batches, self.pad_id, self.max_length,
+                       self.min_bucket),
+            idx,
+        )
+
+
+def sequential_batches(
+    examples: Examples, batch_size: int, pad_id: int, max_length: int, min_bucket: int = 16
+) -> Iterable[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """All examples in file order, ``batch_size`` at a time (for reference log-probs and evaluation)."""
+    for start in range(0, len(examples), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(examples)))
+        yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, min_bucket), idx
+
+
+__all__ = [
+    "Batcher",
+    "DataError",
+    "DataPosition",
+    "Examples",
+    "bucket_length",
+    "end_of_turn_text",
+    "epoch_order",
+    "load_examples",
+    "make_batch",
+    "read_rows",
+    "resolve_path",
+    "sequential_batches",
+    "tokenize_rows",
+    "write_jsonl",
+]
