@@ -39,11 +39,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments, train, export; returns a summary dict (also printed as JSON)."""
     args = _parser().parse_args(argv)
-    from mrjax.config import load_config
+    from mrjax.config import ConfigError, load_config
+    from mrjax.data import read_rows
     from mrjax.mesh import initialize_distributed
     from mrjax.trainer import build_trainer
 
     config = load_config(args.config, args.overrides)
+    if not config.train.pairs:
+        raise ConfigError("config key 'train.pairs' is empty: name the training file")
+    # Check the data files before loading a model (seconds for big ones): a bad line fails fast.
+    for path in filter(None, (config.train.pairs, config.train.eval_pairs)):
+        read_rows(path, config.train.kind)
     initialize_distributed()
     trainer = build_trainer(config, progress=not args.quiet)
     result = trainer.train()

@@ -317,7 +317,7 @@ def _accumulate(micro_fn: Callable, params: dict, batch: dict, denom: jax.Array)
 
 
 def _apply_update(state: TrainState, grads, tx, schedule):
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extra = {"grad_norm": grad_norm, "learning_rate": schedule(state.step)}

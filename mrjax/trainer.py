@@ -13,6 +13,7 @@ latest checkpoint: same parameters, optimizer state, step and data position.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -79,10 +80,10 @@ class Trainer:
         if self.micro_batch % ways:
             log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
                         self.micro_batch, ways)
-        share = self.dpo.share_prompt
-        self._logps = ts.make_logps_fn(
-            model.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1, share,
-            config.train.max_logits_mb,
+        self._logps = _memo(
+            ("logps", model.module, self.mesh, self.kind, self.dpo.share_prompt, config.train.max_logits_mb),
+            lambda: ts.make_logps_fn(model.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1,
+                                     self.dpo.share_prompt, config.train.max_logits_mb),
         )
 
     # ------------------------------------------------------------ data
@@ -173,11 +174,20 @@ class Trainer:
                 eval_examples = self.attach_reference(eval_examples, "eval")
 
         total = self.total_steps(examples)
-        tx, schedule = ts.make_optimizer(t, total)
         params_abstract = jax.eval_shape(lambda p: p, self.model.params)
-        shardings = ts.state_shardings(tx, self.model.param_shardings, params_abstract, self.mesh)
-        step_fn = ts.make_train_step(self.kind, self.model.module, tx, schedule, shardings, self.mesh, self.dpo,
-                                     t.max_logits_mb)
+
+        def build():
+            tx, schedule = ts.make_optimizer(t, total)
+            shardings = ts.state_shardings(tx, self.model.param_shardings, params_abstract, self.mesh)
+            step = ts.make_train_step(self.kind, self.model.module, tx, schedule, shardings, self.mesh, self.dpo,
+                                      t.max_logits_mb)
+            return tx, shardings, step
+
+        # Trainers with the same model, mesh and settings share compiled steps (a resumed run, the next iteration).
+        key = ("step", self.kind, self.model.module, self.mesh, t, self.dpo, total,
+               jax.tree.map(lambda x: (x.shape, x.dtype), params_abstract))
+        tx, shardings, step_fn = _memo(key, build)
+        self.step_fn = step_fn
         batcher = Batcher(examples, t.batch_size, t.grad_accum, self.config.seed, self.tokenizer.pad_id,
                           t.max_length, t.shuffle, t.min_bucket)
         run_meta = {
@@ -268,6 +278,25 @@ class Trainer:
         finally:
             bar.close()
         return state, last_metrics
+
+
+_MEMO: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+_MEMO_SIZE = 8
+
+
+def _memo(key: Any, build: Callable[[], Any]) -> Any:
+    """A small LRU of built (and so compiled) step functions keyed by everything they depend on."""
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    _MEMO[key] = value = build()
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return value
 
 
 def _check_resume(meta: dict, run_meta: dict, batcher: Batcher, run_dir: Path) -> None:

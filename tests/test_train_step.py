@@ -1,0 +1,381 @@
+"""The numeric core of training: DPO loss vs float64, gradients vs PyTorch/transformers,
+sharded vs single-device steps, chunked log-probs, accumulation, schedule."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import single_device_mesh
+
+from mrjax import train_step as ts
+from mrjax.config import DPOSettings, TrainSettings
+from mrjax.data import make_batch, tokenize_rows
+from mrjax.mesh import make_mesh
+
+# ---------------------------------------------------------------- dpo_loss vs float64
+
+
+def _log_sigmoid64(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def reference_dpo64(pc, pr, rc, rr, beta, loss_type, eps):
+    pc, pr, rc, rr = (np.asarray(x, np.float64) for x in (pc, pr, rc, rr))
+    delta = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * _log_sigmoid64(beta * delta) - eps * _log_sigmoid64(-beta * delta)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        losses = np.maximum(0.0, 1 - beta * delta)
+    cr, rj = beta * (pc - rc), beta * (pr - rr)
+    return losses.mean(), {
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rj.mean(),
+        "rewards/accuracies": (cr > rj).mean(),
+        "rewards/margins": (cr - rj).mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
+    }
+
+
+@pytest.mark.parametrize(
+    "loss_type,beta,eps",
+    [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("sigmoid", 2.0, 0.45), ("ipo", 0.1, 0.0), ("ipo", 1.0, 0.0),
+     ("hinge", 0.1, 0.0), ("hinge", 0.7, 0.0)],
+)
+def test_dpo_loss_matches_float64_reference(loss_type, beta, eps):
+    rng = np.random.default_rng(hash((loss_type, beta, eps)) % 2**32)
+    pc, pr = rng.normal(-40, 15, 64), rng.normal(-40, 15, 64)
+    rc, rr = pc + rng.normal(0, 5, 64), pr + rng.normal(0, 5, 64)
+    loss, metrics = ts.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    want_loss, want = reference_dpo64(pc, pr, rc, rr, beta, loss_type, eps)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=2e-5, atol=1e-6)
+    assert float(metrics["loss"]) == float(loss)
+    for key, value in want.items():
+        np.testing.assert_allclose(float(metrics[key]), value, rtol=2e-5, atol=1e-5, err_msg=key)
+
+
+def test_dpo_loss_hand_worked_beta_applied_once():
+    # Δ = (−10 − −12) − (−20 − −19) = 2 − (−1) = 3; β = 0.5 → loss = log(1 + e^{−1.5}).
+    loss, m = ts.dpo_loss(jnp.array([-10.0]), jnp.array([-20.0]), jnp.array([-12.0]), jnp.array([-19.0]), beta=0.5)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-1.5)), rel=1e-6)
+    assert float(loss) != pytest.approx(math.log1p(math.exp(-0.75)), rel=1e-3)  # β twice would give this
+    assert float(m["rewards/chosen"]) == pytest.approx(1.0)
+    assert float(m["rewards/rejected"]) == pytest.approx(-0.5)
+    assert float(m["rewards/margins"]) == pytest.approx(1.5)
+    assert float(m["rewards/accuracies"]) == 1.0
+    # Label smoothing ε = 0.25: 0.75·log(1+e^{−1.5}) + 0.25·log(1+e^{1.5}).
+    loss, _ = ts.dpo_loss(-10.0, -20.0, -12.0, -19.0, beta=0.5, label_smoothing=0.25)
+    assert float(loss) == pytest.approx(0.75 * math.log1p(math.exp(-1.5)) + 0.25 * math.log1p(math.exp(1.5)), rel=1e-6)
+    # IPO: (3 − 1/(2·0.5))² = 4; hinge: max(0, 1 − 1.5) = 0, and 1 − 0.1·3 = 0.7 at β = 0.1.
+    assert float(ts.dpo_loss(-10.0, -20.0, -12.0, -19.0, beta=0.5, loss_type="ipo")[0]) == pytest.approx(4.0)
+    assert float(ts.dpo_loss(-10.0, -20.0, -12.0, -19.0, beta=0.5, loss_type="hinge")[0]) == 0.0
+    assert float(ts.dpo_loss(-10.0, -20.0, -12.0, -19.0, beta=0.1, loss_type="hinge")[0]) == pytest.approx(0.7)
+
+
+def test_dpo_loss_ties_are_not_accurate_and_unknown_type_raises():
+    _, m = ts.dpo_loss(jnp.zeros(4), jnp.zeros(4), jnp.zeros(4), jnp.zeros(4))
+    assert float(m["rewards/accuracies"]) == 0.0
+    assert float(m["loss"]) == pytest.approx(math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        ts.dpo_loss(0.0, 0.0, 0.0, 0.0, loss_type="kto")
+
+
+# ---------------------------------------------------------------- model fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from train_helpers import tiny_model
+
+    return tiny_model()
+
+
+PAIRS = [
+    ("What is 2+2?", "4", "It is five, I think, or maybe six."),
+    ("Name a colour, any colour you like, and say why you like it.", "Blue, because it is calm.", "No."),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "Hello! How can I help?", "Go away"),
+]
+
+
+def pair_examples(tok, max_length=128):
+    rows = [(i + 1, {"prompt": p, "chosen": c, "rejected": r}) for i, (p, c, r) in enumerate(PAIRS)]
+    return tokenize_rows(rows, tok, "dpo", max_length)
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny, tmp_path_factory):
+    """transformers' LlamaForCausalLM with the tiny model's exact weights (via mrjax's HF export)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model, tok = tiny
+    directory = model.save_pretrained(tmp_path_factory.mktemp("tiny_hf"), tok)
+    hf = LlamaForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="eager")
+    return hf.train()
+
+
+def torch_sequence_logps(hf, prompt_ids, completion_ids):
+    """Summed log p(completion | prompt) from one unpadded forward (the textbook way)."""
+    import torch
+
+    ids = torch.tensor(np.concatenate([prompt_ids, completion_ids])[None].astype(np.int64))
+    logp = torch.log_softmax(hf(ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    n = len(prompt_ids)
+    return logp[n - 1:].gather(-1, targets[n - 1:, None]).sum()
+
+
+def torch_dpo_loss(hf, examples, ref, dpo):
+    import torch.nn.functional as F
+
+    losses = []
+    for i in range(len(examples)):
+        (c, r), p = examples.completions[i], examples.prompts[i]
+        pc, pr = torch_sequence_logps(hf, p, c), torch_sequence_logps(hf, p, r)
+        rc, rr = float(ref[i, 0]), float(ref[i, 1])
+        if dpo.loss_type == "ipo":
+            pc, pr, rc, rr = pc / len(c), pr / len(r), rc / len(c), rr / len(r)
+        delta = (pc - rc) - (pr - rr)
+        if dpo.loss_type == "sigmoid":
+            eps = dpo.label_smoothing
+            losses.append(-(1 - eps) * F.logsigmoid(dpo.beta * delta) - eps * F.logsigmoid(-dpo.beta * delta))
+        elif dpo.loss_type == "ipo":
+            losses.append((delta - 1 / (2 * dpo.beta)) ** 2)
+        else:
+            losses.append(F.relu(1 - dpo.beta * delta))
+    return sum(losses) / len(losses)
+
+
+def torch_grads_by_hf_name(hf):
+    return {name: p.grad.detach().numpy().copy() for name, p in hf.named_parameters() if p.grad is not None}
+
+
+def _rel_err(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize("loss_type,eps,share,max_logits_mb", [("sigmoid", 0.1, True, 1024), ("ipo", 0.0, False, 1)])
+def test_dpo_gradients_match_pytorch_transformers(tiny, hf_tiny, loss_type, eps, share, max_logits_mb):
+    """Shared-prompt and concatenated forwards, whole and chunked (1 MiB) logits: the same gradients as torch."""
+    from mrjax.model.weights import params_to_hf_tensors
+
+    model, tok = tiny
+    examples = pair_examples(tok)
+    # Reference log-probs: fixed offsets from the policy's, so Δ ≠ 0 and every loss has a gradient.
+    examples.ref_logps = np.array([[-30.0, -90.0], [-70.0, -20.0], [-60.0, -40.0]], np.float32)
+    dpo = DPOSettings(beta=0.1, loss_type=loss_type, label_smoothing=eps, share_prompt=share)
+    batch = make_batch(examples, [0, 1, 2], 4, 1, tok.pad_id, 128)  # 4th row is weight-0 padding
+    mb = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+    rows, length = batch["targets"].shape[1:]
+    assert (ts.logits_chunk(rows, length, model.config.vocab_size, max_logits_mb) < length) == (max_logits_mb == 1)
+    objective = ts.dpo_objective(model.module, dpo, max_logits_mb)
+    (loss, _), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(model.params, mb, jnp.float32(3.0))
+
+    hf_tiny.zero_grad()
+    torch_loss = torch_dpo_loss(hf_tiny, examples, examples.ref_logps, dpo)
+    torch_loss.backward()
+    assert float(loss) == pytest.approx(torch_loss.item(), rel=1e-5, abs=1e-6)
+
+    ours = params_to_hf_tensors(model.config, grads)
+    theirs = torch_grads_by_hf_name(hf_tiny)
+    assert set(theirs) == set(ours)
+    for name in theirs:
+        assert _rel_err(ours[name], theirs[name]) < 2e-4, name
+
+
+def test_sft_loss_and_gradients_match_pytorch(tiny, hf_tiny):
+    import torch
+
+    from mrjax.model.weights import params_to_hf_tensors
+
+    model, tok = tiny
+    rows = [(1, {"prompt": "Rate this.", "completion": "Good answer.\nScore: 4"}),
+            (2, {"prompt": [{"role": "user", "content": "Judge it"}], "completion": "Off topic.\nScore: 1"})]
+    examples = tokenize_rows(rows, tok, "sft", 128)
+    batch = make_batch(examples, [0, 1], 2, 1, tok.pad_id, 128)
+    mb = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+    n_tokens = float(batch["mask"].sum())
+    (loss, _), grads = jax.jit(jax.value_and_grad(ts.sft_objective(model.module, 1024), has_aux=True))(
+        model.params, mb, jnp.float32(n_tokens))
+
+    hf_tiny.zero_grad()
+    total = sum(torch_sequence_logps(hf_tiny, examples.prompts[i], examples.completions[i][0]) for i in range(2))
+    torch_loss = -total / n_tokens
+    torch_loss.backward()
+    assert n_tokens == sum(len(c[0]) for c in examples.completions)
+    assert float(loss) == pytest.approx(torch_loss.item(), rel=1e-5)
+    ours, theirs = params_to_hf_tensors(model.config, grads), torch_grads_by_hf_name(hf_tiny)
+    for name in theirs:
+        assert _rel_err(ours[name], theirs[name]) < 2e-4, name
+    del torch
+
+
+def _train_settings(**kw):
+    base = dict(learning_rate=1e-3, warmup_ratio=0.0, schedule="constant", weight_decay=0.01, max_grad_norm=0.5,
+                adam_eps=1e-3, batch_size=4)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+# ---------------------------------------------------------------- sharding, accumulation, chunking
+
+
+STEP_INDICES = [0, 1, 2, 0, 1, 2, 1]
+STEP_REF_LOGPS = np.array([[-30.0, -90.0], [-70.0, -20.0], [-60.0, -40.0]], np.float32)
+
+
+def _step_once(model, tok, mesh, params, train, batch_rows=8, grad_accum=1, share=True):
+    from mrjax.model.pretrained import param_shardings
+
+    examples = pair_examples(tok)
+    examples.ref_logps = STEP_REF_LOGPS
+    shards = param_shardings(model.config, mesh)
+    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shards)
+    tx, schedule = ts.make_optimizer(train, total_steps=10)
+    abstract = jax.eval_shape(lambda p: p, params)
+    shardings = ts.state_shardings(tx, shards, abstract, mesh)
+    state = ts.init_state(params, tx, shardings)
+    module = type(model.module)(model.config, mesh=mesh)
+    step = ts.make_train_step("dpo", module, tx, schedule, shardings, mesh, DPOSettings(share_prompt=share))
+    indices = STEP_INDICES[: batch_rows - 1]  # the last row is weight-0 padding
+    batch = make_batch(examples, indices, batch_rows, grad_accum, tok.pad_id, 128)
+    state, metrics = step(state, batch)
+    return jax.device_get(state.params), ts.numpy_metrics(metrics), state
+
+
+@pytest.fixture(scope="module")
+def one_device_step(tiny):
+    """The reference: one DPO step (batch 8, no accumulation, shared prompt) on one device."""
+    model, tok = tiny
+    p, m, _ = _step_once(model, tok, single_device_mesh(), jax.device_get(model.params), _train_settings(batch_size=8))
+    return p, m
+
+
+def _assert_same_step(got, want, keys=("loss", "grad_norm", "rewards/chosen", "rewards/accuracies", "logps/chosen",
+                                       "logps/rejected")):
+    (p_got, m_got), (p_want, m_want) = got, want
+    for key in keys:
+        assert m_got[key] == pytest.approx(m_want[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(p_want), jax.tree.leaves(p_got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_full_dpo_step_matches_torch_adamw_step(tiny, hf_tiny, one_device_step):
+    """One optimizer step: loss, grad_norm and the parameter update equal a transformers +
+    torch.optim.AdamW step (clipping active, weight decay on everything but norms)."""
+    import torch
+
+    from mrjax.model.weights import params_to_hf_tensors
+
+    model, tok = tiny
+    params, metrics = one_device_step
+    examples = pair_examples(tok)
+    hf = type(hf_tiny)(hf_tiny.config)
+    hf.load_state_dict(hf_tiny.state_dict())
+    hf.train()
+    decay = [p for n, p in hf.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in hf.named_parameters() if "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.999), eps=1e-3)
+    # The step's batch: pairs STEP_INDICES (with repeats) and one weight-0 padding row.
+    sub = dataclasses.replace(examples, prompts=[examples.prompts[i] for i in STEP_INDICES],
+                              completions=[examples.completions[i] for i in STEP_INDICES])
+    loss = torch_dpo_loss(hf, sub, STEP_REF_LOGPS[STEP_INDICES], DPOSettings())
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5))
+    opt.step()
+
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    assert grad_norm > 0.5  # clipping was active
+    assert metrics["learning_rate"] == pytest.approx(1e-3)
+    ours = params_to_hf_tensors(model.config, params)
+    before = hf_tiny.state_dict()
+    for name, p in hf.named_parameters():
+        # Compare the updates (params move by ~lr; the update must agree, not just the weights).
+        assert _rel_err(ours[name] - before[name].numpy(), p.detach().numpy() - before[name].numpy()) < 1e-3, name
+
+
+@pytest.mark.parametrize("shape", [dict(fsdp=2, tensor=4), dict(fsdp=8, tensor=1)])
+def test_sharded_step_equals_single_device(tiny, one_device_step, shape):
+    model, tok = tiny
+    assert len(jax.devices()) == 8
+    mesh = make_mesh(data=1, **shape)
+    p8, m8, state8 = _step_once(model, tok, mesh, jax.device_get(model.params), _train_settings(batch_size=8))
+    # The state really is sharded as declared (not silently replicated).
+    q = state8.params["layers"]["attn"]["q"]
+    assert q.sharding.mesh.shape == mesh.shape and len({s.device for s in q.addressable_shards}) == 8
+    assert not q.sharding.is_fully_replicated
+    _assert_same_step((p8, m8), one_device_step)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny, one_device_step):
+    model, tok = tiny
+    train4 = _train_settings(batch_size=8, grad_accum=4)
+    p4, m4, _ = _step_once(model, tok, single_device_mesh(), jax.device_get(model.params), train4, grad_accum=4)
+    _assert_same_step((p4, m4), one_device_step)
+
+
+def test_shared_prompt_and_concatenated_forward_agree(tiny, one_device_step):
+    model, tok = tiny
+    p, m, _ = _step_once(model, tok, single_device_mesh(), jax.device_get(model.params),
+                         _train_settings(batch_size=8), share=False)
+    _assert_same_step((p, m), one_device_step)
+
+
+def test_chunked_token_logps_equal_whole_and_budget_picks_chunk():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32)
+    unembed = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 16)), jnp.int32)
+    whole = ts.token_logps(hidden, unembed, targets, 16)
+    # float64 numpy reference of log_softmax at the targets
+    logits = np.asarray(hidden, np.float64) @ np.asarray(unembed, np.float64)
+    ref = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(np.asarray(whole), ref, rtol=1e-5, atol=1e-5)
+    for chunk in (1, 4, 8):
+        np.testing.assert_allclose(np.asarray(ts.token_logps(hidden, unembed, targets, chunk)), np.asarray(whole),
+                                   rtol=1e-6, atol=1e-6)
+        g_chunk = jax.grad(lambda h, w: ts.token_logps(h, w, targets, chunk).sum(), argnums=(0, 1))(hidden, unembed)
+        g_whole = jax.grad(lambda h, w: ts.token_logps(h, w, targets, 16).sum(), argnums=(0, 1))(hidden, unembed)
+        for a, b in zip(g_chunk, g_whole):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # 16 rows × 256 tokens × 49152 vocab × 4 B = 768 MiB: fits 1024 MiB whole, 256 MiB needs chunks of 64.
+    assert ts.logits_chunk(16, 256, 49152, 1024) == 256
+    assert ts.logits_chunk(16, 256, 49152, 256) == 64
+    assert ts.logits_chunk(16, 256, 49152, 1) == 1
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_matches_transformers(kind):
+    import torch
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    total, warmup, peak = 50, 5, 3e-4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    make = get_cosine_schedule_with_warmup if kind == "cosine" else get_linear_schedule_with_warmup
+    sched = make(opt, warmup, total)
+    ours = ts.lr_schedule(peak, warmup, total, kind)
+    for step in range(total):
+        assert float(ours(step)) == pytest.approx(sched.get_last_lr()[0], rel=1e-5, abs=peak * 1e-6), step
+        opt.step()
+        sched.step()
+
+
+def test_weight_decay_skips_norm_scales(tiny):
+    model, _ = tiny
+    tx, _ = ts.make_optimizer(_train_settings(weight_decay=0.5, learning_rate=0.1, max_grad_norm=0.0), 10)
+    params = jax.device_get(model.params)
+    zero_grads = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # With zero gradients the only update is decay: −lr·wd·p for matrices, 0 for norm scales.
+    np.testing.assert_array_equal(np.asarray(updates["final_norm"]["scale"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(updates["layers"]["attn_norm"]["scale"]), 0.0)
+    np.testing.assert_allclose(np.asarray(updates["lm_head"]), -0.05 * params["lm_head"], rtol=1e-6)
