@@ -185,7 +185,8 @@ class Trainer:
 
         # Trainers with the same model, mesh and settings share compiled steps (a resumed run, the next iteration).
         key = ("step", self.kind, self.model.module, self.mesh, t, self.dpo, total,
-               jax.tree.map(lambda x: (x.shape, x.dtype), params_abstract))
+               tuple((jax.tree_util.keystr(path), x.shape, str(x.dtype))
+                     for path, x in jax.tree_util.tree_flatten_with_path(params_abstract)[0]))
         tx, shardings, step_fn = _memo(key, build)
         self.step_fn = step_fn
         batcher = Batcher(examples, t.batch_size, t.grad_accum, self.config.seed, self.tokenizer.pad_id,

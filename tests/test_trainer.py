@@ -1,0 +1,364 @@
+"""Trainer, data files, checkpoints and the CLI: learning, exact resume, bad input, NaN stop."""
+import json
+import random
+
+import jax
+import numpy as np
+import pytest
+from conftest import single_device_mesh
+
+from mrjax.checkpoint import Checkpointer
+from mrjax.config import load_config
+from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch, read_rows,
+                        tokenize_rows)
+from mrjax.trainer import Trainer, TrainingError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from train_helpers import tiny_model
+
+    return tiny_model()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- files and batches
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"prompt": "hi", "chosen": "a", "rejected": "b"', "not valid JSON"),
+        ('["hi", "a", "b"]', "expected a JSON object"),
+        ('{"prompt": "hi", "chosen": "a"}', "missing field 'rejected'"),
+        ('{"prompt": "hi", "chosen": 3, "rejected": "b"}', "'chosen' must be a string"),
+        ('{"prompt": "hi", "chosen": "a", "rejected": ""}', "'rejected' is empty or whitespace-only"),
+        ('{"prompt": "hi", "chosen": " \\n\\t ", "rejected": "b"}', "'chosen' is empty or whitespace-only"),
+        ('{"prompt": "  ", "chosen": "a", "rejected": "b"}', "'prompt' is empty"),
+        ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', "prompt message 0"),
+        ('{"prompt": "hi", "chosen": "a", "rejected": "b", "ref_chosen_logps": 1.0}', "ref_chosen_logps"),
+    ],
+)
+def test_malformed_pair_line_names_file_and_line(tmp_path, line, message):
+    good = json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
+    with pytest.raises(DataError) as err:
+        read_rows(path, "dpo")
+    assert f"{path}:4:" in str(err.value) and message in str(err.value)
+
+
+def test_pair_file_formats_and_missing_or_empty_files(tmp_path):
+    rows = [
+        {"prompt": "hi", "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}], "ref_chosen_logps": -1.5, "ref_rejected_logps": -2},
+    ]
+    got = read_rows(write_jsonl(tmp_path / "p.jsonl", rows), "dpo")
+    assert [n for n, _ in got] == [1, 2]
+    assert got[1][1]["chosen"] == "a" and got[1][1]["ref_logps"] == (-1.5, -2.0)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_rows(tmp_path / "nope.jsonl", "dpo")
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="no examples"):
+        read_rows(tmp_path / "empty.jsonl", "dpo")
+    with pytest.raises(DataError, match=r"s.jsonl:1: missing field 'completion'"):
+        read_rows(write_jsonl(tmp_path / "s.jsonl", [{"prompt": "hi", "chosen": "a"}]), "sft")
+
+
+def test_prompt_longer_than_context_and_truncated_completions(tiny, tmp_path):
+    _, tok = tiny
+    long_prompt = "word " * 200
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"},
+                                              {"prompt": long_prompt, "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"p.jsonl:2: the prompt is \d+ tokens, longer than the context"):
+        load_examples(path, tok, "dpo", max_length=64)
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi", "chosen": "yes " * 100, "rejected": "no"}])
+    ex = load_examples(path, tok, "dpo", max_length=64)
+    assert ex.truncated == 1 and len(ex.prompts[0]) + len(ex.completions[0][0]) == 64
+
+
+def test_tokenisation_uses_chat_template_and_end_of_turn(tiny):
+    _, tok = tiny
+    ex = tokenize_rows([(1, {"prompt": "Hi there", "chosen": "Hello!", "rejected": "Bye"})], tok, "dpo", 128)
+    assert list(ex.prompts[0]) == tok.encode(tok.chat("Hi there"))
+    assert list(ex.completions[0][0]) == tok.encode("Hello!") + [tok.eos_ids[0]]  # <|im_end|> ends the turn
+    assert tok.decode(ex.completions[0][1], skip_special_tokens=False) == "Bye<|im_end|>"
+
+
+def test_make_batch_layout_by_hand(tiny):
+    _, tok = tiny
+    ex = tokenize_rows([(1, {"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye"})], tok, "dpo", 128)
+    ex.ref_logps = np.array([[-1.0, -2.0]], np.float32)
+    p, (c, r) = ex.prompts[0], ex.completions[0]
+    b = make_batch(ex, [0], 2, 1, tok.pad_id, 128, min_bucket=16)
+    P = bucket_length(len(p) - 1, 16, 128)
+    assert b["prefix_tokens"].shape == (1, 2, P) and b["tokens"].shape == (1, 4, 16)
+    # prefix: the prompt minus its last token, left-padded, positions from 0
+    np.testing.assert_array_equal(b["prefix_tokens"][0, 0, P - len(p) + 1:], p[:-1])
+    assert not b["prefix_mask"][0, 0, : P - len(p) + 1].any() and b["prefix_mask"][0, 0, P - len(p) + 1:].all()
+    np.testing.assert_array_equal(b["prefix_positions"][0, 0, P - len(p) + 1:], np.arange(len(p) - 1))
+    # completion rows interleave chosen, rejected; input = last prompt token + completion[:-1]; target = completion
+    for row, comp in ((0, c), (1, r)):
+        np.testing.assert_array_equal(b["tokens"][0, row, : len(comp)], np.r_[p[-1], comp[:-1]])
+        np.testing.assert_array_equal(b["targets"][0, row, : len(comp)], comp)
+        assert b["mask"][0, row].sum() == len(comp)
+        np.testing.assert_array_equal(b["positions"][0, row], len(p) - 1 + np.arange(16))
+    assert list(b["weights"][0]) == [1.0, 0.0]  # the second pair is padding
+    np.testing.assert_array_equal(b["ref_logps"][0, 0], [-1.0, -2.0])
+
+
+def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
+    assert bucket_length(3, 16, 1024) == 16 and bucket_length(17, 16, 1024) == 32
+    assert bucket_length(300, 16, 256) == 300 and bucket_length(200, 16, 256) == 256
+
+    class FakeExamples:
+        kind, repeats = "sft", 1
+
+        def __len__(self):
+            return 10
+
+    b = Batcher(FakeExamples(), batch_size=4, micro_batches=1, seed=3, pad_id=0, max_length=8)
+    assert b.steps_per_epoch == 3
+    for epoch in range(3):
+        seen = np.concatenate([b.indices(epoch * 3 + k) for k in range(3)])
+        assert sorted(seen) == list(range(10))
+    assert not np.array_equal(epoch_order(10, 3, 0), epoch_order(10, 3, 1))
+    np.testing.assert_array_equal(b.indices(4), Batcher(FakeExamples(), 4, 1, 3, 0, 8).indices(4))
+    assert (b.position(7).epoch, b.position(7).batch) == (2, 1)
+
+
+# ---------------------------------------------------------------- training runs
+
+WORDS_GOOD = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "brown"]
+WORDS_BAD = ["seven", "twelve", "forty", "ninety", "three", "eleven", "sixty", "eight"]
+TOPICS = ["apples", "rivers", "trains", "music", "chess", "clouds", "bread", "stars", "ships", "paper", "tea",
+          "birds", "glass", "maps", "snow", "bells"]
+
+
+def rule_pairs(n, seed):
+    """Synthetic preference: chosen answers are colour words, rejected answers are number words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        rows.append({"prompt": f"Tell me something about {topic}.",
+                     "chosen": " ".join(rng.sample(WORDS_GOOD, 2)),
+                     "rejected": " ".join(rng.sample(WORDS_BAD, 2))})
+    return rows
+
+
+def tiny_config(run_dir, *overrides):
+    return load_config(None, [f"run_dir={run_dir}", "model.name=tiny-random", "train.max_length=128",
+                              "train.warmup_ratio=0", "train.learning_rate=1e-3", *overrides])
+
+
+def test_dpo_learns_synthetic_preference_on_held_out_pairs(tiny, tmp_path):
+    model, tok = tiny
+    train = write_jsonl(tmp_path / "train.jsonl", rule_pairs(48, seed=0))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rule_pairs(16, seed=1))
+    config = tiny_config(tmp_path / "run", "train.batch_size=8", "train.epochs=3", "train.learning_rate=2e-3")
+    trainer = Trainer(config, model, tok, progress=False)
+    before = trainer.evaluate(trainer.attach_reference(trainer.load(held_out), "eval"))
+    assert before["rewards/accuracies"] == 0.0  # policy == reference: no pair is won yet
+    result = trainer.train(train, held_out)
+    assert result.step == 18
+    assert result.eval_metrics["rewards/accuracies"] >= 0.95
+    assert result.eval_metrics["loss"] < 0.5 < before["loss"]
+    # The caller's model is untouched (the trainer copied its params).
+    np.testing.assert_array_equal(np.asarray(model.params["lm_head"]),
+                                  np.asarray(jax.device_get(tiny[0].params["lm_head"])))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, 19))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"):
+        assert key in lines[0]
+    assert "eval/rewards/accuracies" in lines[-1]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    # A handful of bucket shapes, each compiled once.
+    assert 1 <= len(trainer.step_fn.compiled_shapes) <= 4
+
+
+def test_sft_lowers_held_out_nll(tiny, tmp_path):
+    model, tok = tiny
+    config = tiny_config(tmp_path / "run", "train.kind=sft", "train.max_length=512", "train.batch_size=4",
+                         "train.max_steps=8", "train.learning_rate=3e-3")
+    trainer = Trainer(config, model, tok, progress=False)
+    held_out = trainer.load("mrjax/data/eft_eval_judgments.jsonl")
+    before = trainer.evaluate(held_out)["loss"]
+    result = trainer.train("mrjax/data/eft_judgments.jsonl", held_out)
+    assert result.eval_metrics["loss"] < before - 1.0
+    assert result.metrics["num_tokens"] > 0
+
+
+def _params(result):
+    return jax.tree.leaves(jax.device_get(result.model.params))
+
+
+def test_exact_resume_after_kill(tiny, tmp_path):
+    """6 steps straight == 3 steps, kill (last checkpoint at 2), resume: bitwise params, no pair skipped or repeated."""
+    model, tok = tiny
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(10, seed=2))
+    overrides = ["train.batch_size=4", "train.grad_accum=2", "train.epochs=2", "train.save_every=2",
+                 "train.keep_checkpoints=2", "train.schedule=cosine", "train.warmup_ratio=0.2"]
+
+    seen_straight = {}
+    straight = Trainer(tiny_config(tmp_path / "a", *overrides), model, tok, progress=False,
+                       callbacks=[lambda s, m, idx: seen_straight.__setitem__(s, list(idx))]).train(pairs)
+
+    class Kill(Exception):
+        pass
+
+    def kill_after_3(step, metrics, idx):
+        seen_killed[step] = list(idx)
+        if step == 3:
+            raise Kill()
+
+    seen_killed, seen_resumed = {}, {}
+    config_b = tiny_config(tmp_path / "b", *overrides)
+    with pytest.raises(Kill):
+        Trainer(config_b, model, tok, progress=False, callbacks=[kill_after_3]).train(pairs)
+    assert Checkpointer(tmp_path / "b" / "checkpoints").all_steps() == [2]  # step 3 never saved
+    resumed = Trainer(config_b, model, tok, progress=False,
+                      callbacks=[lambda s, m, idx: seen_resumed.__setitem__(s, list(idx))]).train(pairs)
+
+    assert sorted(seen_resumed) == [3, 4, 5, 6]  # continued from the checkpoint at 2
+    assert {**seen_killed, **seen_resumed} == seen_straight
+    for epoch in (0, 1):
+        pairs_seen = sum((seen_straight[epoch * 3 + k] for k in (1, 2, 3)), [])
+        assert sorted(pairs_seen) == list(range(10))  # every pair once per epoch
+    for a, b in zip(_params(straight), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert straight.metrics["loss"] == resumed.metrics["loss"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 3 was dropped and redone
+    meta = Checkpointer(tmp_path / "b" / "checkpoints").read_meta()
+    assert (meta["step"], meta["epoch"], meta["batch"], meta["examples_seen"]) == (6, 2, 0, 24)
+    # Keep-last-2 policy, and a finished run resumes to a no-op with the same result.
+    assert Checkpointer(tmp_path / "b" / "checkpoints").all_steps() == [4, 6]
+    again = Trainer(config_b, model, tok, progress=False).train(pairs)
+    for a, b in zip(_params(straight), _params(again)):
+        np.testing.assert_array_equal(a, b)
+    # A checkpoint belongs to its data: other pairs, or a fresh start over it, are refused.
+    other = write_jsonl(tmp_path / "other.jsonl", rule_pairs(10, seed=4))
+    with pytest.raises(TrainingError, match="data_fingerprint"):
+        Trainer(config_b, model, tok, progress=False).train(other)
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        Trainer(config_b, model, tok, progress=False).train(pairs, resume=False)
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(tiny, tmp_path):
+    model, tok = tiny
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(8, seed=5))
+    # lr 1e30 with constant schedule: step 1 is computed from sane params (finite), then everything overflows.
+    config = tiny_config(tmp_path / "run", "train.batch_size=4", "train.max_steps=4", "train.save_every=1",
+                         "train.learning_rate=1e30", "train.schedule=constant", "train.max_grad_norm=0")
+    with pytest.raises(TrainingError) as err:
+        Trainer(config, model, tok, progress=False).train(pairs)
+    message = str(err.value)
+    assert message.startswith("step 2: loss is nan") or message.startswith("step 2: grad_norm is")
+    assert "last good checkpoint (step 1)" in message
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    assert ckpt.all_steps() == [1]
+    assert ckpt.read_meta()["step"] == 1
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def _fake_loader(tiny):
+    """load_pretrained stand-in: the cached tiny model placed on the requested mesh (no reload)."""
+    from mrjax.model.pretrained import Model, param_shardings
+
+    def load(name, mesh=None, dtype="float32", param_dtype="float32", remat=False, seed=0, progress=True):
+        model, tok = tiny
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), jax.device_get(model.params),
+                              param_shardings(model.config, mesh))
+        return Model(model.config, params, mesh, dtype, remat), tok
+
+    return load
+
+
+def test_cli_trains_and_exports_hf(tiny, tmp_path, monkeypatch, capsys):
+    from mrjax import train as train_cli
+    from mrjax.model import pretrained
+
+    monkeypatch.setattr(pretrained, "load_pretrained", _fake_loader(tiny))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(8, seed=6))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nmodel: {{name: tiny-random}}\n"
+                      f"train: {{kind: dpo, pairs: {pairs}, max_length: 128, batch_size: 8, max_steps: 2}}\n")
+    assert train_cli.main(["--config", str(config), "--quiet", "dpo.beta=0.2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and (tmp_path / "run" / "hf" / "config.json").is_file()
+    from mrjax.model.weights import hf_source
+
+    hf_config, _ = hf_source(tmp_path / "run" / "hf")
+    assert hf_config == tiny[0].config
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("bad_key", "error: unknown config key 'train.nope'"),
+        ("missing_file", "error: pair file not found"),
+        ("bad_line", ":2: not valid JSON"),
+        ("empty_completion", ":1: 'chosen' is empty or whitespace-only"),
+        ("nan", "error: step 2: loss is nan"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, case, expected):
+    from mrjax import train as train_cli
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{oops\n' if case == "bad_line" else
+                     '{"prompt": "hi", "chosen": " ", "rejected": "b"}\n' if case == "empty_completion" else
+                     '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
+    args = [f"run_dir={tmp_path / 'run'}", f"train.pairs={pairs}"]
+    if case == "bad_key":
+        args.append("train.nope=1")
+    if case == "missing_file":
+        args[1] = f"train.pairs={tmp_path / 'absent.jsonl'}"
+    if case == "nan":  # any TrainingError from the run is reported the same way
+        def boom(*a, **k):
+            raise TrainingError("step 2: loss is nan (non-finite); training stopped")
+
+        monkeypatch.setattr(train_cli, "run", boom)
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+    assert "Traceback" not in err[0]
+
+
+# ---------------------------------------------------------------- the embedded model
+
+
+def test_sequence_logps_of_embedded_model_match_its_plain_forward(smol, tmp_path):
+    """The real model path (SmolLM2 GGUF, tied embeddings): the trainer's shared-prompt, chunked log-probs
+    equal a float64 log-softmax of the model's plain full-sequence logits."""
+    model, tok = smol
+    rows = read_rows("mrjax/data/dpo_pairs.jsonl", "dpo")[:2]
+    config = load_config(None, [f"run_dir={tmp_path}", "train.batch_size=2", "train.max_length=256",
+                                "train.max_logits_mb=8"])
+    trainer = Trainer(config, model, tok, progress=False)
+    examples = tokenize_rows(rows, tok, "dpo", 256)
+    sums, counts = trainer.sequence_logps(examples)
+    sequences = [np.r_[examples.prompts[i], examples.completions[i][j]] for i in range(2) for j in range(2)]
+    width = max(map(len, sequences))
+    ids = np.zeros((4, width), np.int32)
+    mask = np.zeros((4, width), np.int32)
+    for k, seq in enumerate(sequences):
+        ids[k, : len(seq)], mask[k, : len(seq)] = seq, 1
+    logits = np.asarray(model(ids, mask), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    for k, seq in enumerate(sequences):
+        i, j = divmod(k, 2)
+        n = len(examples.prompts[i])
+        want = sum(logp[k, t - 1, seq[t]] for t in range(n, len(seq)))
+        assert counts[i, j] == len(seq) - n
+        assert sums[i, j] == pytest.approx(want, rel=1e-4, abs=1e-3)
