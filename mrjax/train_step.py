@@ -266,15 +266,19 @@ def state_shardings(tx: optax.GradientTransformation, param_shardings: dict, par
     return TrainState(param_shardings, opt, replicated(mesh))
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-    """A fresh state: float32 copies of ``params`` (the caller's arrays are never donated), zero moments."""
+def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState, donate: bool = False) -> TrainState:
+    """A fresh state: float32 ``params`` and zero moments.
+
+    Without ``donate`` the parameters are copied (outputs never alias non-donated
+    inputs) and the caller's arrays stay valid; with it they are consumed, so no
+    second copy of the model exists while training.
+    """
 
     def init(p):
         p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
         return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
 
-    # The copy happens inside jit (outputs never alias non-donated inputs).
-    return jax.jit(init, out_shardings=shardings)(params)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=(0,) if donate else ())(params)
 
 
 def abstract_state(state_sharding: TrainState, tx: optax.GradientTransformation, params_abstract: dict) -> TrainState:

@@ -61,8 +61,12 @@ class Trainer:
         run_dir: str | Path | None = None,
         progress: bool = True,
         callbacks: Sequence[StepCallback] = (),
+        donate_model: bool = False,
     ):
         self.config, self.model, self.tokenizer = config, model, tokenizer
+        # With donate_model the trainer consumes model.params once the reference log-probs are computed
+        # (model.params is set to None): the frozen reference is not held in memory while training.
+        self.donate_model = donate_model
         self.train_settings, self.dpo = config.train, config.dpo
         self.kind = kind or config.train.kind
         if self.kind not in ("dpo", "sft"):
@@ -214,12 +218,16 @@ class Trainer:
             if latest is not None:
                 meta = checkpointer.read_meta(latest)
                 _check_resume(meta, run_meta, batcher, self.run_dir)
+                if self.donate_model:
+                    self._release_model()
                 state, _ = checkpointer.restore(ts.abstract_state(shardings, tx, params_abstract), latest)
                 start = latest
                 log.info("resumed %s from step %d (epoch %d, batch %d)", self.run_dir, latest, meta["epoch"],
                          meta["batch"])
             else:
-                state = ts.init_state(self.model.params, tx, shardings)
+                state = ts.init_state(self.model.params, tx, shardings, donate=self.donate_model)
+                if self.donate_model:
+                    self.model.params = None
                 start = 0
             writer = _MetricsWriter(self.run_dir, start)
             state, last_metrics = self._loop(state, step_fn, batcher, start, total, checkpointer, writer, run_meta,
@@ -236,6 +244,11 @@ class Trainer:
         trained = type(self.model)(self.model.config, state.params, self.mesh, self.model.dtype,
                                    self.model.module.remat)
         return TrainResult(trained, total, last_metrics, eval_metrics, self.run_dir)
+
+    def _release_model(self) -> None:
+        for x in jax.tree.leaves(self.model.params):
+            x.delete()
+        self.model.params = None
 
     def _loop(self, state, step_fn, batcher: Batcher, start: int, total: int, checkpointer: Checkpointer,
               writer: "_MetricsWriter", run_meta: dict, eval_examples: Examples | None):
@@ -355,8 +368,10 @@ def build_trainer(
     run_dir: str | Path | None = None,
     progress: bool = True,
     callbacks: Sequence[StepCallback] = (),
+    donate_model: bool = False,
 ) -> Trainer:
-    """A Trainer for ``config``; loads ``config.model`` on ``config.mesh`` when no model is given."""
+    """A Trainer for ``config``; loads ``config.model`` on ``config.mesh`` when no model is given
+    (that model is then the trainer's own and its parameters are donated to training)."""
     if model is None:
         from mrjax.mesh import mesh_from_settings
         from mrjax.model.pretrained import load_pretrained
@@ -369,9 +384,10 @@ def build_trainer(
         model, loaded_tok = load_pretrained(m.name, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype,
                                             remat=m.remat, seed=config.seed, progress=progress)
         tokenizer = tokenizer or loaded_tok
+        donate_model = True
     if tokenizer is None:
         raise ConfigError(f"model {config.model.name!r} has no tokenizer; training needs one")
-    return Trainer(config, model, tokenizer, kind, run_dir, progress, callbacks)
+    return Trainer(config, model, tokenizer, kind, run_dir, progress, callbacks, donate_model)
 
 
 def run_training(
@@ -385,9 +401,13 @@ def run_training(
     resume: bool | None = None,
     progress: bool = True,
     callbacks: Sequence[StepCallback] = (),
+    donate_model: bool = False,
 ) -> TrainResult:
-    """Build a DPO or SFT trainer from ``config`` and train on ``data`` (default ``config.train.pairs``)."""
-    trainer = build_trainer(config, model, tokenizer, kind, run_dir, progress, callbacks)
+    """Build a DPO or SFT trainer from ``config`` and train on ``data`` (default ``config.train.pairs``).
+
+    ``donate_model=True`` lets training consume ``model.params`` (set to None) instead of copying them.
+    """
+    trainer = build_trainer(config, model, tokenizer, kind, run_dir, progress, callbacks, donate_model)
     return trainer.train(data, eval_data, resume)
 
 

@@ -1,0 +1,397 @@
+"""DPO step time: mrjax vs TRL's DPOTrainer (or an equal PyTorch step) on the same model and pairs.
+
+    python -m mrjax.bench dpo --json
+
+Workload (defaults): the embedded SmolLM2-135M-Instruct in float32, 8 pairs per step,
+each sequence 256 tokens = a 128-token chat prompt + a 128-token completion, sigmoid
+loss, AdamW, reference log-probs precomputed on both sides (TRL:
+``precompute_ref_log_probs=True``), so a step is one policy forward + backward +
+optimizer update. Both sides see the same token ids and the same weights (mrjax exports
+its parameters to an HF directory that transformers loads). One process: mrjax steps,
+then the reference's, then mrjax again; each side's time is the median of its timed
+steps after a warm-up (compile) step. ``ratio`` = reference_step_s / step_s.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF dir or .gguf")
+    p.add_argument("--pairs", type=int, default=8, help="pairs per step")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--completion-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (mrjax runs twice this)")
+    p.add_argument("--reference", choices=("auto", "trl", "pytorch"), default="auto",
+                   help="TRL's DPOTrainer, an equal hand-written PyTorch step, or TRL when it imports")
+    p.add_argument("--no-share-prompt", action="store_true", help="mrjax: concatenated forward instead")
+    p.add_argument("--max-logits-mb", type=int, default=1024)
+
+
+# ---------------------------------------------------------------- memory
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+    @property
+    def delta_mb(self) -> float:
+        return round((self.peak - self.start) / 2**20, 1)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------- workload
+
+
+def _text_stream(tokenizer: Any) -> list[int]:
+    """Natural-text token ids (the bundled pair file's answers), long enough to cut windows from."""
+    from mrjax.data import read_rows
+
+    rows = read_rows("mrjax/data/dpo_pairs.jsonl", "dpo")
+    text = " ".join(f"{r['prompt']} {r['chosen']} {r['rejected']}" for _, r in rows)
+    ids = tokenizer.encode(text)
+    return ids * 8
+
+
+def _window_text(tokenizer: Any, stream: list[int], start: int, count: int) -> str:
+    return tokenizer.decode(stream[start:start + count], skip_special_tokens=True)
+
+
+def _fit(tokenizer, target, make_text, longest, prompt="", prompt_ids=(), suffix=""):
+    """The longest window (≤ ``longest`` tokens) whose text encodes to exactly ``target`` tokens after
+    ``prompt`` (TRL's joint tokenisation of prompt + completion; the prompt part must stay a prefix)."""
+    prompt_ids = list(prompt_ids)
+    for k in range(longest, 0, -1):
+        text = make_text(k)
+        full = tokenizer.encode(prompt + text + suffix)
+        if full[: len(prompt_ids)] != prompt_ids:
+            continue
+        n = len(full) - len(prompt_ids)
+        if n == target:
+            return text, full[len(prompt_ids):]
+        if n < target:
+            break
+    return None, None
+
+
+def build_pairs(tokenizer: Any, n_pairs: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
+    """Text pairs whose tokenisation (TRL's: prompt alone, prompt + completion jointly) has exactly the
+    requested prompt and completion lengths; rows hold the texts and the ids."""
+    from mrjax.data import end_of_turn_text
+
+    eot = end_of_turn_text(tokenizer)
+    stream = _text_stream(tokenizer)
+    rows = []
+    for i in range(n_pairs):
+        # Decode/encode round trips can skip a length; then try the window one token later.
+        for shift in range(64):
+            start = 997 * i + shift
+            prompt, prompt_ids = _fit(tokenizer, prompt_tokens,
+                                      lambda k: tokenizer.chat(_window_text(tokenizer, stream, start, k)),
+                                      prompt_tokens)
+            if prompt is not None:
+                break
+        else:
+            raise RuntimeError(f"could not build a prompt of exactly {prompt_tokens} tokens")
+        completions = []
+        for side in range(2):
+            for shift in range(64):
+                start = 997 * i + 5000 + 331 * side + shift
+                text, ids = _fit(tokenizer, completion_tokens,
+                                 lambda k: _window_text(tokenizer, stream, start, k).strip(),
+                                 completion_tokens + 8, prompt, prompt_ids, eot)
+                if text is not None:
+                    completions.append((text, ids))
+                    break
+            else:
+                raise RuntimeError(f"could not build a completion of exactly {completion_tokens} tokens")
+        rows.append({
+            "prompt": prompt, "chosen": completions[0][0], "rejected": completions[1][0],
+            "prompt_ids": prompt_ids, "chosen_ids": completions[0][1], "rejected_ids": completions[1][1],
+        })
+    return rows
+
+
+def _examples(rows: list[dict]):
+    from mrjax.data import Examples
+
+    return Examples(
+        kind="dpo",
+        prompts=[np.asarray(r["prompt_ids"], np.int32) for r in rows],
+        completions=[(np.asarray(r["chosen_ids"], np.int32), np.asarray(r["rejected_ids"], np.int32)) for r in rows],
+        source="<bench>", lines=list(range(1, len(rows) + 1)), fingerprint="bench",
+    )
+
+
+# ---------------------------------------------------------------- mrjax
+
+
+class MrjaxDPO:
+    def __init__(self, model: Any, tokenizer: Any, rows: list[dict], share_prompt: bool, max_logits_mb: int,
+                 lr: float, max_length: int):
+        import jax
+
+        from mrjax import train_step as ts
+        from mrjax.config import DPOSettings, TrainSettings
+
+        self.model, self.tokenizer = model, tokenizer
+        self.examples = _examples(rows)
+        self.n = len(rows)
+        self.max_length = max_length
+        dpo = DPOSettings(beta=0.1, loss_type="sigmoid", share_prompt=share_prompt)
+        train = TrainSettings(batch_size=self.n, learning_rate=lr, warmup_ratio=0.0, schedule="cosine",
+                              max_grad_norm=1.0, max_length=max_length, max_logits_mb=max_logits_mb)
+        # Reference log-probs once, before training (not part of the step).
+        logps = ts.make_logps_fn(model.module, model.mesh, model.param_shardings, 2, share_prompt, max_logits_mb)
+        sums, _ = jax.device_get(logps(model.params, self._batch()))
+        self.examples.ref_logps = np.asarray(sums[0], np.float32)
+        tx, schedule = ts.make_optimizer(train, total_steps=1000)
+        abstract = jax.eval_shape(lambda p: p, model.params)
+        shardings = ts.state_shardings(tx, model.param_shardings, abstract, model.mesh)
+        self.state = ts.init_state(model.params, tx, shardings)
+        self.step_fn = ts.make_train_step("dpo", model.module, tx, schedule, shardings, model.mesh, dpo, max_logits_mb)
+        self.ts = ts
+        self.times: list[float] = []
+        self.metrics: dict = {}
+
+    def _batch(self):
+        from mrjax.data import make_batch
+
+        return make_batch(self.examples, list(range(self.n)), self.n, 1, self.tokenizer.pad_id, self.max_length)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.state, metrics = self.step_fn(self.state, self._batch())
+        self.metrics = self.ts.numpy_metrics(metrics)
+        return time.perf_counter() - t0
+
+    def memory_analysis(self) -> dict:
+        """XLA's own accounting of the compiled step (bytes of arguments, outputs, temporaries)."""
+        import jax
+
+        batch = self._batch()
+        compiled = next(iter(self.step_fn.compiled_shapes.values()))
+        try:
+            stats = compiled.lower(self.state, batch).compile().memory_analysis()
+        except Exception:  # noqa: BLE001 - not every backend reports it
+            return {}
+        if stats is None:
+            return {}
+        del jax
+        return {
+            "xla_argument_mb": round(stats.argument_size_in_bytes / 2**20, 1),
+            "xla_output_mb": round(stats.output_size_in_bytes / 2**20, 1),
+            "xla_temp_mb": round(stats.temp_size_in_bytes / 2**20, 1),
+        }
+
+
+# ---------------------------------------------------------------- references
+
+
+def _hf_dir(model: Any, tokenizer: Any, directory: Path) -> Path:
+    """A plain HF checkpoint with mrjax's exact weights (no GGUF quantization_config: TRL accepts it)."""
+    return model.save_pretrained(directory, tokenizer)
+
+
+def run_trl(hf_dir: Path, rows: list[dict], steps: int, lr: float, out_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    policy = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    config = DPOConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=len(rows), gradient_accumulation_steps=1,
+        max_steps=steps + 1, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
+        beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True, precompute_ref_batch_size=len(rows),
+        max_length=None, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False,
+        fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0, gradient_checkpointing=False,
+    )
+    trainer = DPOTrainer(model=policy, args=config, train_dataset=data, processing_class=tok, callbacks=[Timer()])
+    first = trainer.train_dataset[0]
+    assert list(first["prompt_ids"]) == rows[0]["prompt_ids"] and list(first["chosen_ids"]) == rows[0]["chosen_ids"], \
+        "TRL tokenised the pairs differently from mrjax"
+    with PeakRSS() as mem, contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        trainer.train()
+    return {"times": times, "peak_rss_mb": mem.peak_mb, "rss_delta_mb": mem.delta_mb,
+            "threads": torch.get_num_threads(), "version": __import__("trl").__version__}
+
+
+def run_pytorch(hf_dir: Path, rows: list[dict], steps: int, lr: float) -> dict:
+    """The same DPO step written directly in PyTorch: concatenated chosen+rejected forward, completion-masked
+    log-softmax sums, sigmoid loss against precomputed reference log-probs, clipping, AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    seqs = [r["prompt_ids"] + r[side] for side in ("chosen_ids", "rejected_ids") for r in rows]
+    masks = [[0] * len(r["prompt_ids"]) + [1] * len(r[side]) for side in ("chosen_ids", "rejected_ids") for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    completion = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float32)
+
+    def logps(m):
+        logits = m(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        token = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (token * completion[:, 1:]).sum(-1)
+
+    with torch.no_grad():
+        ref = logps(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    n = len(rows)
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            pol = logps(model)
+            delta = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+            loss = -F.logsigmoid(0.1 * delta).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t0)
+    return {"times": times, "peak_rss_mb": mem.peak_mb, "rss_delta_mb": mem.delta_mb,
+            "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> dict:
+    import jax
+
+    from mrjax import load_pretrained
+    from mrjax.mesh import make_mesh
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model, tokenizer = load_pretrained(args.model, mesh=mesh, progress=False)
+    rows = build_pairs(tokenizer, args.pairs, args.prompt_tokens, args.completion_tokens)
+    max_length = args.prompt_tokens + args.completion_tokens
+    lr = 5e-6
+
+    reference = args.reference
+    why = ""
+    if reference in ("auto", "trl"):
+        try:
+            import trl  # noqa: F401
+            import datasets  # noqa: F401
+
+            reference = "trl"
+        except ImportError as err:
+            if args.reference == "trl":
+                raise
+            reference, why = "pytorch", f"TRL not importable ({err}); an equal PyTorch step instead"
+
+    ours = MrjaxDPO(model, tokenizer, rows, not args.no_share_prompt, args.max_logits_mb, lr, max_length)
+    with PeakRSS() as mem_compile:
+        compile_s = ours.step()
+    with PeakRSS() as mem_first:
+        first_round = [ours.step() for _ in range(args.steps)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = _hf_dir(model, tokenizer, Path(tmp) / "hf")
+        if reference == "trl":
+            try:
+                ref = run_trl(hf_dir, rows, args.steps, lr, Path(tmp) / "trl")
+            except Exception as err:  # noqa: BLE001 - fall back, and say why
+                if args.reference == "trl":
+                    raise
+                reference, why = "pytorch", f"TRL failed here ({type(err).__name__}: {err}); an equal PyTorch step instead"
+                ref = run_pytorch(hf_dir, rows, args.steps, lr)
+        else:
+            ref = run_pytorch(hf_dir, rows, args.steps, lr)
+
+    with PeakRSS() as mem_second:
+        second_round = [ours.step() for _ in range(args.steps)]
+    step_times = first_round + second_round
+    step_s = statistics.median(step_times)
+    ref_times = ref["times"][1:]  # the first step warms up
+    reference_step_s = statistics.median(ref_times)
+    tokens = args.pairs * 2 * max_length
+    result = {
+        "benchmark": "dpo",
+        "model": args.model,
+        "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
+        "pairs": args.pairs,
+        "prompt_tokens": args.prompt_tokens,
+        "completion_tokens": args.completion_tokens,
+        "share_prompt": not args.no_share_prompt,
+        "step_s": round(step_s, 3),
+        "reference_step_s": round(reference_step_s, 3),
+        "ratio": round(reference_step_s / step_s, 3),
+        "reference": "trl-DPOTrainer" if reference == "trl" else "pytorch-equivalent",
+        "reference_version": ref.get("version", ""),
+        "compile_s": round(compile_s, 2),
+        "step_times_s": [round(t, 3) for t in step_times],
+        "reference_step_times_s": [round(t, 3) for t in ref_times],
+        "tokens_per_s": round(tokens / step_s, 1),
+        "reference_tokens_per_s": round(tokens / reference_step_s, 1),
+        "peak_rss_mb": max(mem_compile.peak_mb, mem_first.peak_mb, mem_second.peak_mb),
+        "step_rss_delta_mb": max(mem_first.delta_mb, mem_second.delta_mb),
+        "reference_peak_rss_mb": ref["peak_rss_mb"],
+        "reference_rss_delta_mb": ref["rss_delta_mb"],
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch_threads": ref["threads"],
+        "loss": round(ours.metrics.get("loss", float("nan")), 5),
+        "gpu_mfu": "skipped: no GPU lent to this task",
+        **ours.memory_analysis(),
+    }
+    if why:
+        result["reference_note"] = why
+    return result
