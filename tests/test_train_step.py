@@ -320,13 +320,6 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, one_device_step):
     _assert_same_step((p4, m4), one_device_step)
 
 
-def test_shared_prompt_and_concatenated_forward_agree(tiny, one_device_step):
-    model, tok = tiny
-    p, m, _ = _step_once(model, tok, single_device_mesh(), jax.device_get(model.params),
-                         _train_settings(batch_size=8), share=False)
-    _assert_same_step((p, m), one_device_step)
-
-
 def test_chunked_token_logps_equal_whole_and_budget_picks_chunk():
     rng = np.random.default_rng(0)
     hidden = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32)

@@ -162,16 +162,15 @@ def test_dpo_learns_synthetic_preference_on_held_out_pairs(tiny, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", rule_pairs(48, seed=0))
     held_out = write_jsonl(tmp_path / "eval.jsonl", rule_pairs(16, seed=1))
     config = tiny_config(tmp_path / "run", "train.batch_size=8", "train.epochs=3", "train.learning_rate=2e-3")
-    trainer = Trainer(config, model, tok, progress=False)
+    copy = type(model)(model.config, jax.tree.map(lambda x: x.copy(), model.params), model.mesh)
+    trainer = Trainer(config, copy, tok, progress=False, donate_model=True)
     before = trainer.evaluate(trainer.attach_reference(trainer.load(held_out), "eval"))
     assert before["rewards/accuracies"] == 0.0  # policy == reference: no pair is won yet
     result = trainer.train(train, held_out)
     assert result.step == 18
     assert result.eval_metrics["rewards/accuracies"] >= 0.95
     assert result.eval_metrics["loss"] < 0.5 < before["loss"]
-    # The caller's model is untouched (the trainer copied its params).
-    np.testing.assert_array_equal(np.asarray(model.params["lm_head"]),
-                                  np.asarray(jax.device_get(tiny[0].params["lm_head"])))
+    assert copy.params is None  # donated: no second copy of the model while training
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == list(range(1, 19))
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -199,12 +198,15 @@ def _params(result):
     return jax.tree.leaves(jax.device_get(result.model.params))
 
 
+RESUME_OVERRIDES = ["train.batch_size=4", "train.grad_accum=2", "train.epochs=2", "train.save_every=2",
+                    "train.keep_checkpoints=2", "train.schedule=cosine", "train.warmup_ratio=0.2"]
+
+
 def test_exact_resume_after_kill(tiny, tmp_path):
     """6 steps straight == 3 steps, kill (last checkpoint at 2), resume: bitwise params, no pair skipped or repeated."""
     model, tok = tiny
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(10, seed=2))
-    overrides = ["train.batch_size=4", "train.grad_accum=2", "train.epochs=2", "train.save_every=2",
-                 "train.keep_checkpoints=2", "train.schedule=cosine", "train.warmup_ratio=0.2"]
+    overrides = RESUME_OVERRIDES
 
     seen_straight = {}
     straight = Trainer(tiny_config(tmp_path / "a", *overrides), model, tok, progress=False,
@@ -240,7 +242,10 @@ def test_exact_resume_after_kill(tiny, tmp_path):
     assert (meta["step"], meta["epoch"], meta["batch"], meta["examples_seen"]) == (6, 2, 0, 24)
     # Keep-last-2 policy, and a finished run resumes to a no-op with the same result.
     assert Checkpointer(tmp_path / "b" / "checkpoints").all_steps() == [4, 6]
-    again = Trainer(config_b, model, tok, progress=False).train(pairs)
+    # donate_model: the trainer consumes its copy of the initial model (released on resume).
+    copy = type(model)(model.config, jax.tree.map(lambda x: x.copy(), model.params), model.mesh)
+    again = Trainer(config_b, copy, tok, progress=False, donate_model=True).train(pairs)
+    assert copy.params is None
     for a, b in zip(_params(straight), _params(again)):
         np.testing.assert_array_equal(a, b)
     # A checkpoint belongs to its data: other pairs, or a fresh start over it, are refused.
@@ -251,20 +256,25 @@ def test_exact_resume_after_kill(tiny, tmp_path):
         Trainer(config_b, model, tok, progress=False).train(pairs, resume=False)
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(tiny, tmp_path):
+def test_non_finite_loss_stops_with_clear_message_and_keeps_last_checkpoint(tiny, tmp_path):
+    """A pair whose (given) reference log-probs overflow Δ to −inf makes step 3's loss inf: training stops
+    naming the step, that state is not saved, and the checkpoint of step 2 stays intact."""
     model, tok = tiny
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(8, seed=5))
-    # lr 1e30 with constant schedule: step 1 is computed from sane params (finite), then everything overflows.
-    config = tiny_config(tmp_path / "run", "train.batch_size=4", "train.max_steps=4", "train.save_every=1",
-                         "train.learning_rate=1e30", "train.schedule=constant", "train.max_grad_norm=0")
+    rows = rule_pairs(10, seed=2)
+    config = tiny_config(tmp_path / "run", *RESUME_OVERRIDES)  # the resume test's settings: its compiled step
+    bad = int(epoch_order(10, config.seed, 0)[8])  # lands in the third batch
+    for i, row in enumerate(rows):
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = (3e38, -3e38) if i == bad else (0.0, 0.0)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(TrainingError) as err:
         Trainer(config, model, tok, progress=False).train(pairs)
     message = str(err.value)
-    assert message.startswith("step 2: loss is nan") or message.startswith("step 2: grad_norm is")
-    assert "last good checkpoint (step 1)" in message
+    assert message.startswith("step 3: loss is inf (non-finite)") or message.startswith("step 3: loss is nan")
+    assert "this state was not saved" in message and "last good checkpoint (step 2)" in message
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
-    assert ckpt.all_steps() == [1]
-    assert ckpt.read_meta()["step"] == 1
+    assert ckpt.all_steps() == [2] and ckpt.read_meta()["step"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and not np.isfinite(lines[-1]["loss"])
 
 
 # ---------------------------------------------------------------- the CLI
@@ -362,3 +372,27 @@ def test_sequence_logps_of_embedded_model_match_its_plain_forward(smol, tmp_path
         want = sum(logp[k, t - 1, seq[t]] for t in range(n, len(seq)))
         assert counts[i, j] == len(seq) - n
         assert sums[i, j] == pytest.approx(want, rel=1e-4, abs=1e-3)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def test_dpo_benchmark_reports_side_by_side(tiny):
+    import argparse
+
+    from mrjax.benchmarks import dpo as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny-random", "--pairs", "2", "--prompt-tokens", "48",
+                              "--completion-tokens", "32", "--steps", "1", "--reference", "pytorch"])
+    model, tok = tiny
+    rows = bench.build_pairs(tok, 2, 48, 32)
+    assert all(len(r["prompt_ids"]) == 48 and len(r["chosen_ids"]) == len(r["rejected_ids"]) == 32 for r in rows)
+    assert rows[0]["prompt_ids"] == tok.encode(rows[0]["prompt"])
+    result = bench.compare(model, tok, args)
+    for key in ("step_s", "reference_step_s", "ratio", "peak_rss_mb", "reference_peak_rss_mb", "compile_s"):
+        assert result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["reference_step_s"] / result["step_s"], rel=1e-2)
+    assert result["reference"] == "pytorch-equivalent" and len(result["step_times_s"]) == 2
+    json.dumps(result)

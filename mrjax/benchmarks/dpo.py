@@ -321,6 +321,13 @@ def run(args: argparse.Namespace) -> dict:
     logging.getLogger("absl").setLevel(logging.WARNING)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model, tokenizer = load_pretrained(args.model, mesh=mesh, progress=False)
+    return compare(model, tokenizer, args)
+
+
+def compare(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
+    """The side-by-side measurement on a loaded model (its params are copied, not consumed)."""
+    import jax
+
     rows = build_pairs(tokenizer, args.pairs, args.prompt_tokens, args.completion_tokens)
     max_length = args.prompt_tokens + args.completion_tokens
     lr = 5e-6
