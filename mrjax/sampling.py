@@ -1,0 +1,737 @@
+"""Batched sampling for the actor, judge and meta-judge: a jitted prefill and a jitted
+``lax.while_loop`` decoder over a KV cache, sharded over the mesh.
+
+    from mrjax.sampling import generate, SamplingConfig
+    out = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=128, temperature=0.8, top_p=0.95, n=4, seed=0))
+    out.texts        # per prompt, per sample: str
+
+How a call runs:
+
+* Prompts are chat-templated and tokenised, sorted by length and cut into batches of at
+  most ``batch_size`` rows (a row is one sample of one prompt). Each batch prefills its
+  *distinct* prompts once (the ``n`` samples of a prompt share that prefill), left-padded
+  to a length bucket (16, 24, 32, 48, 64, 96, ...); row counts are bucketed to powers of
+  two. Lengths, step limits and sampling parameters are arrays inside the jitted code, so
+  a handful of programs serve every prompt length.
+* The decoder is one jitted ``lax.while_loop``: each step runs the model on one token
+  per row against the cache (updated in place inside the loop), samples, and stops when
+  every row has produced an end-of-turn id or ``max_new_tokens`` is reached.
+* Randomness: the key of sample ``s`` of prompt ``i`` at step ``t`` is
+  ``fold_in(fold_in(fold_in(key(seed), i), s), t)``, one uniform per step; nothing depends
+  on how rows were batched, padded or spread over devices.
+
+The decode step is its own function (not ``Llama.apply``) because on CPU the generic
+forward costs several times more per token: it hoists RoPE out of the layer loop, keeps
+the cache in a decode-friendly layout and updates it in place, and computes the output
+projection in the faster orientation. ``tests/test_sampling.py`` checks it token for
+token against HF transformers and against ``model.apply``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mrjax import mesh as mesh_lib
+from mrjax.model.llama import KVCache, LlamaConfig, rope_frequencies
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message]
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+# Candidates taken by lax.top_k before applying top-p; if their mass falls short of top_p
+# the exact cut-off is found by bisection over the whole vocabulary instead.
+DEFAULT_TOP_P_CANDIDATES = 64
+# Inverse-CDF sampling walks the vocabulary in blocks of this many tokens (two cumulative sums).
+SAMPLING_BLOCK = 256
+MIN_PROMPT_BUCKET = 16
+# Generated-token buffers and the cache are sized to max_new_tokens rounded up to this.
+NEW_TOKENS_ROUNDING = 32
+
+# Logical axes of one layer's decode-layout cache (see _decode_step).
+DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "seq")
+DECODE_V_AXES = ("batch", "kv_heads", "seq", "head_dim")
+
+
+class SamplingError(ValueError):
+    """Bad input to ``generate``; the message says which prompt or setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. ``temperature=0`` is greedy decoding (top_p/top_k are then ignored).
+
+    Filters apply in HF transformers' order: temperature, then top-k (keep tokens whose
+    logit is at least the k-th largest), then top-p (keep the smallest set of most likely
+    tokens whose probability under the top-k-renormalised distribution reaches ``top_p``).
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0  # end-of-turn ids cannot be drawn before this many tokens (as in HF)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    n: int = 1  # samples per prompt
+    seed: int = 0
+    batch_size: int = 32  # rows (prompts x samples) decoded together
+    max_prompt_tokens: int | None = None  # default: the model's context minus max_new_tokens
+    stop_ids: tuple[int, ...] | None = None  # default: the tokenizer's end-of-turn ids
+    top_p_candidates: int = DEFAULT_TOP_P_CANDIDATES
+
+    def __post_init__(self):
+        def bad(msg):
+            raise SamplingError(f"SamplingConfig: {msg}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad(f"min_new_tokens must be an int in [0, max_new_tokens], got {self.min_new_tokens!r}")
+        if not self.temperature >= 0 or not math.isfinite(self.temperature):
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            bad(f"n (samples per prompt) must be a positive int, got {self.n!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            bad(f"max_prompt_tokens must be positive, got {self.max_prompt_tokens!r}")
+        if self.stop_ids is not None and not all(isinstance(i, (int, np.integer)) for i in self.stop_ids):
+            bad(f"stop_ids must be token ids, got {self.stop_ids!r}")
+        if self.top_p_candidates < 1:
+            bad(f"top_p_candidates must be positive, got {self.top_p_candidates!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides) -> "SamplingConfig":
+        """From ``mrjax.config.SamplingSettings`` (or anything with the same fields)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in vars(settings).items() if k in fields}
+        return cls(**{**values, **overrides})
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Per prompt (outer list, the caller's order), per sample (inner list).
+
+    ``token_ids`` are the generated ids, including the end-of-turn id when
+    ``finish_reasons`` is ``"stop"``; ``texts`` decode them without special tokens.
+    ``logprobs[i][s][t]`` is log p(token t | prompt, tokens < t) under the *unmodified*
+    model distribution (temperature 1, no top-p/top-k truncation), which is what DPO and
+    analysis want, whatever the sampling settings were.
+    """
+
+    texts: list[list[str]]
+    token_ids: list[list[list[int]]]
+    logprobs: list[list[list[float]]]
+    lengths: list[list[int]]
+    finish_reasons: list[list[str]]
+    prompt_lengths: list[int]  # prompt tokens (after the chat template)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(sum(row) for row in self.lengths)
+
+
+# --------------------------------------------------------------------------- sampling math
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis, first index on ties (two fused reductions; XLA:CPU's
+    variadic argmax reduction is several times slower)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    idx = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, idx, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (for exact bisection over float values)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    bits = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _unsortable(u: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(u ^ jnp.uint32(0x80000000), jnp.int32)
+    bits = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _top_p_threshold_by_bisection(scaled: jax.Array, log_norm: jax.Array, top_p: jax.Array, upper: jax.Array):
+    """Largest logit value tau with P(scaled >= tau) >= top_p, per row, exact.
+
+    ``upper`` is a value whose mass already falls short of top_p. Bisection runs over the
+    order-preserving integer image of float32, so 32 halvings always land on a logit.
+    """
+    probs = jnp.exp(scaled - log_norm[:, None])
+
+    def mass_at_least(tau):
+        return jnp.sum(jnp.where(scaled >= tau[:, None], probs, 0.0), axis=-1)
+
+    lo = _sortable(jnp.min(scaled, axis=-1))  # everything kept: mass 1 >= top_p
+    hi = _sortable(upper)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = mass_at_least(_unsortable(mid)) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return _unsortable(lo)
+
+
+def _inverse_cdf(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """Index drawn with probability proportional to ``weights`` [B, V] (>= 0), one uniform per row.
+
+    Two levels (block sums, then within the chosen block) instead of a cumulative sum over
+    the whole vocabulary.
+    """
+    B, V = weights.shape
+    blocks = -(-V // SAMPLING_BLOCK)
+    w = jnp.pad(weights, ((0, 0), (0, blocks * SAMPLING_BLOCK - V))).reshape(B, blocks, SAMPLING_BLOCK)
+    block_cum = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)
+    target = uniforms * block_cum[:, -1]
+    block = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), blocks - 1)
+    before = jnp.where(block > 0, jnp.take_along_axis(block_cum, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(w, block[:, None, None], 1)[:, 0]
+    inner_cum = before[:, None] + jnp.cumsum(inner, axis=-1)
+    pick = jnp.sum(inner_cum <= target[:, None], axis=-1)
+    # Rounding can leave the target just past the block's last token: take its last nonzero one.
+    last_nonzero = SAMPLING_BLOCK - 1 - first_argmax(jnp.flip(inner > 0, axis=-1).astype(jnp.int32))
+    return (block * SAMPLING_BLOCK + jnp.minimum(pick, last_nonzero)).astype(jnp.int32)
+
+
+def sample_logits(
+    logits: jax.Array,
+    uniforms: jax.Array,
+    temperature: jax.Array | float,
+    top_p: jax.Array | float,
+    top_k: jax.Array | int,
+    *,
+    greedy: bool,
+    candidates: int = 0,
+) -> jax.Array:
+    """One token per row of ``logits`` [B, V] (float32), given one uniform in [0, 1) per row.
+
+    ``candidates`` (static) is the lax.top_k width used for top-k / top-p; 0 means no
+    truncation (plain temperature sampling). It must be >= top_k when top_k > 0.
+    """
+    if greedy:
+        return first_argmax(logits)
+    scaled = logits / jnp.asarray(temperature, jnp.float32)
+    if candidates == 0:
+        threshold = jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32)
+    else:
+        top_k = jnp.asarray(top_k, jnp.int32)
+        top_p = jnp.asarray(top_p, jnp.float32)
+        cand, _ = jax.lax.top_k(scaled, candidates)  # descending
+        use_top_k = top_k > 0
+        k_index = jnp.clip(top_k - 1, 0, candidates - 1)
+        kth = jnp.where(use_top_k, cand[:, k_index], -jnp.inf)
+        # top-p is measured under the distribution renormalised over what top-k kept.
+        log_norm = jax.nn.logsumexp(jnp.where(scaled >= kth[:, None], scaled, -jnp.inf), axis=-1)
+        cand_probs = jnp.where(cand >= kth[:, None], jnp.exp(cand - log_norm[:, None]), 0.0)
+        mass_before = jnp.cumsum(cand_probs, axis=-1) - cand_probs
+        kept = jnp.sum((mass_before < top_p) & (cand_probs > 0), axis=-1)
+        top_p_cut = jnp.take_along_axis(cand, jnp.maximum(kept - 1, 0)[:, None], 1)[:, 0]
+        fits = use_top_k | (jnp.sum(cand_probs, axis=-1) >= top_p)
+        top_p_cut = jax.lax.cond(
+            jnp.all(fits),
+            lambda: top_p_cut,
+            lambda: jnp.where(
+                fits, top_p_cut, _top_p_threshold_by_bisection(scaled, log_norm, top_p, cand[:, -1])
+            ),
+        )
+        threshold = jnp.where(top_p < 1, top_p_cut, kth)
+    weights = jnp.where(scaled >= threshold[:, None], jnp.exp(scaled - jnp.max(scaled, -1, keepdims=True)), 0.0)
+    return _inverse_cdf(weights, uniforms)
+
+
+def row_uniforms(seed: jax.Array, prompt_index: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
+    """The uniform that sample ``sample_index`` of prompt ``prompt_index`` uses at ``step``."""
+
+    def one(p, s):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), p), s), step)
+        return jax.random.uniform(key, (), jnp.float32)
+
+    return jax.vmap(one)(prompt_index, sample_index)
+
+
+def _needs_candidates(config: SamplingConfig, vocab: int) -> int:
+    if config.greedy or (config.top_p >= 1 and config.top_k == 0):
+        return 0
+    return min(vocab, max(config.top_k, config.top_p_candidates))
+
+
+# --------------------------------------------------------------------------- the model step
+#
+# The decode step runs on a copy of the weights made once per ``generate`` call: one array
+# per layer (slicing a stacked [layers, ...] parameter inside the loop makes XLA:CPU copy
+# it every step) and each matrix stored [out, in], so every projection is
+# ``W [out, in] . x [in, batch]`` with the activations kept feature-major. That is the
+# orientation in which XLA:CPU's small-batch GEMM runs fastest.
+
+
+def _rms_norm_t(x, scale, eps):
+    """llama.RMSNorm on feature-major activations x [E, B]."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
+    return normed * scale.astype(jnp.float32)[:, None]
+
+
+def _matmul(w, x):
+    """W [out, in] . x [in, B] -> float32 [out, B] (accumulated in float32 for bfloat16 weights)."""
+    return jnp.einsum("nk,kb->nb", w, x.astype(w.dtype), preferred_element_type=jnp.float32)
+
+
+def _rotate(x, cos, sin):
+    # llama.apply_rope for one token per row: x [B, heads, D], cos/sin [B, 1, D/2].
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+_DECODE_WEIGHT_AXES = {
+    "q": ("heads", "embed"),
+    "k": ("kv_heads", "embed"),
+    "v": ("kv_heads", "embed"),
+    "o": ("embed", "heads"),
+    "gate": ("mlp", "embed"),
+    "up": ("mlp", "embed"),
+    "down": ("embed", "mlp"),
+    "attn_norm": ("embed",),
+    "mlp_norm": ("embed",),
+}
+
+
+def decode_weights(params: dict, config: LlamaConfig, dtype, mesh: Mesh | None) -> dict:
+    """Per-layer, [out, in] copies of the weights for the decode step (traceable)."""
+    c = config
+    e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    lp = params["layers"]
+    layers = []
+    for i in range(c.num_layers):
+        a, m = lp["attn"], lp["mlp"]
+        w = {
+            "q": a["q"][i].reshape(e, h * d).T,
+            "k": a["k"][i].reshape(e, k * d).T,
+            "v": a["v"][i].reshape(e, k * d).T,
+            "o": a["o"][i].reshape(h * d, e).T,
+            "gate": m["gate"][i].T,
+            "up": m["up"][i].T,
+            "down": m["down"][i].T,
+        }
+        w = {name: x.astype(dtype) for name, x in w.items()}
+        w["attn_norm"] = lp["attn_norm"]["scale"][i]
+        w["mlp_norm"] = lp["mlp_norm"]["scale"][i]
+        layers.append({name: _constrain(x, mesh, _DECODE_WEIGHT_AXES[name]) for name, x in w.items()})
+    unembed = params["embedding"] if c.tie_word_embeddings else params["lm_head"].T
+    return {
+        "layers": layers,
+        "embedding": params["embedding"],
+        "unembed": _constrain(unembed.astype(dtype), mesh, ("vocab", "embed")),
+        "final_norm": params["final_norm"]["scale"],
+    }
+
+
+def _logits(weights, config: LlamaConfig, x):
+    """Final-norm hidden states, feature-major [E, B] -> float32 logits [B, V]."""
+    return _matmul(weights["unembed"], x).T
+
+
+def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, kv_allowed, slot):
+    """Logits [B, V] for one token per row at ``positions`` [B]; writes its keys/values at ``slot``.
+
+    ``caches`` holds per layer (keys [B, Kh, D, S], values [B, Kh, S, D]): keys with the
+    position axis minor and values with head_dim minor, the layouts in which XLA:CPU's
+    batched q.k and p.v products run fastest. ``kv_allowed`` [B, S] says which slots a
+    query may attend to. The arithmetic is ``Llama.apply``'s, reordered for one token.
+    """
+    c = config
+    B = tokens.shape[0]
+    h, kh, d = c.num_heads, c.num_kv_heads, c.head_dim
+    groups = h // kh
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_frequencies(c))
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x = jnp.take(weights["embedding"], tokens, axis=0).astype(jnp.float32).T  # [E, B]
+    neg = jnp.finfo(jnp.float32).min
+    mask = kv_allowed[:, None, None, :]
+    new_caches = []
+    for w, (cache_k, cache_v) in zip(weights["layers"], caches):
+        hidden = _rms_norm_t(x, w["attn_norm"], c.rms_norm_eps)
+        q = _rotate(_matmul(w["q"], hidden).reshape(h, d, B).transpose(2, 0, 1), cos, sin)
+        k = _rotate(_matmul(w["k"], hidden).reshape(kh, d, B).transpose(2, 0, 1), cos, sin)
+        v = _matmul(w["v"], hidden).reshape(kh, d, B).transpose(2, 0, 1)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[..., None], (0, 0, 0, slot))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[:, :, None, :], (0, 0, slot, 0))
+        new_caches.append((cache_k, cache_v))
+        scores = jnp.einsum(
+            "bkgd,bkds->bkgs", q.reshape(B, kh, groups, d), cache_k.astype(jnp.float32)
+        ) / math.sqrt(d)
+        probs = jax.nn.softmax(jnp.where(mask, scores, neg), axis=-1)
+        attn = jnp.einsum("bkgs,bksd->bkgd", probs, cache_v.astype(jnp.float32)).reshape(B, h * d)
+        x = x + _matmul(w["o"], attn.T)
+        hidden = _rms_norm_t(x, w["mlp_norm"], c.rms_norm_eps)
+        x = x + _matmul(w["down"], jax.nn.silu(_matmul(w["gate"], hidden)) * _matmul(w["up"], hidden))
+    x = _rms_norm_t(x, weights["final_norm"], c.rms_norm_eps)
+    return _logits(weights, c, x), new_caches
+
+
+# --------------------------------------------------------------------------- jitted programs
+
+
+def _constrain(x, mesh, names):
+    return mesh_lib.constrain(x, mesh, names)
+
+
+class Programs(NamedTuple):
+    prepare: Any  # params -> decode weights (once per generate call)
+    prefill: Any  # prompts -> last hidden state + prompt KV cache (per prompt-length bucket)
+    decode: Any  # the while-loop sampler (per row bucket x prompt bucket x settings)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(module, mesh: Mesh, dtype) -> Programs:
+    """The jitted programs for one (module, mesh, dtype); cached so compilations are shared."""
+    config: LlamaConfig = module.config
+    cache_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+    def prepare(params):
+        return decode_weights(params, config, dtype, mesh)
+
+    def prefill(params, tokens, positions, mask):
+        # tokens [Bp, P] (P: the prefill bucket); mask [Bp, Pc] (Pc >= P: the cache bucket)
+        B, cache_len = mask.shape
+        cache = KVCache(*(_constrain(t, mesh, cache_axes) for t in KVCache.zeros(config, B, cache_len, dtype)))
+        hidden, cache = module.apply({"params": params}, tokens, positions, mask, cache, jnp.int32(0), return_hidden=True)
+        return hidden[:, -1], cache
+
+    def decode(
+        weights,
+        last_hidden,  # [Bp, E] final-norm hidden state of each prompt's last token
+        prompt_cache,  # KVCache [L, Bp, P, Kh, D] from prefill
+        prompt_mask,  # [Bp, Pc] real prompt tokens
+        gen_start,  # first cache slot after the prompts (the prefill bucket)
+        row_prompt,  # [B] which prefilled prompt each row samples from
+        row_active,  # [B] False for padding rows
+        prompt_len,  # [B]
+        prompt_index,  # [B] the prompt's index in the caller's list (for the key)
+        sample_index,  # [B]
+        seed,
+        max_new,
+        min_new,
+        temperature,
+        top_p,
+        top_k,
+        stop_ids,
+        *,
+        greedy: bool,
+        candidates: int,
+        new_capacity: int,
+    ):
+        B = row_prompt.shape[0]
+        S = prompt_mask.shape[1] + new_capacity
+
+        # Each row's cache in decode layout: its prompt's keys in slots [0, P), generated ones after.
+        row_k = jnp.take(prompt_cache.k, row_prompt, axis=1)
+        row_v = jnp.take(prompt_cache.v, row_prompt, axis=1)
+        caches = []
+        for i in range(config.num_layers):
+            k = jnp.pad(row_k[i].transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, new_capacity)))
+            v = jnp.pad(row_v[i].transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, new_capacity), (0, 0)))
+            caches.append((_constrain(k, mesh, DECODE_K_AXES), _constrain(v, mesh, DECODE_V_AXES)))
+        slot_ids = jnp.arange(S, dtype=jnp.int32)
+        prompt_allowed = jnp.pad(jnp.take(prompt_mask, row_prompt, axis=0), ((0, 0), (0, new_capacity)))
+        # Prompt slots by the prompt mask; generated slots (from gen_start on) once written.
+        slot_allowed = jnp.where(slot_ids[None] < gen_start, prompt_allowed, True)
+
+        def pick(logits, step):
+            log_norm = jax.nn.logsumexp(logits, axis=-1)
+            # Before min_new tokens the end-of-turn ids may not be drawn (HF's min_new_tokens).
+            banned = (step < min_new) & (jnp.arange(logits.shape[-1]) == stop_ids[:, None]).any(0)
+            allowed_logits = jnp.where(banned[None], -jnp.inf, logits)
+            u = row_uniforms(seed, prompt_index, sample_index, step)
+            token = sample_logits(allowed_logits, u, temperature, top_p, top_k, greedy=greedy, candidates=candidates)
+            # Log-probability under the unmodified model (temperature 1, no truncation).
+            logprob = jnp.take_along_axis(logits, token[:, None], 1)[:, 0] - log_norm
+            return token, logprob
+
+        hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
+        token, logprob = pick(_logits(weights, config, hidden), jnp.int32(0))
+        out_tokens = jnp.zeros((B, new_capacity), jnp.int32).at[:, 0].set(token)
+        out_logprobs = jnp.zeros((B, new_capacity), jnp.float32).at[:, 0].set(logprob)
+        stopped = jnp.isin(token, stop_ids) & row_active
+        done = stopped | ~row_active
+        lengths = row_active.astype(jnp.int32)
+
+        def cond(state):
+            step, _, done, *_ = state
+            return (step < max_new) & ~jnp.all(done)
+
+        def body(state):
+            step, token, done, stopped, lengths, out_tokens, out_logprobs, caches = state
+            slot = gen_start + step - 1  # where the previous token's keys and values go
+            allowed = slot_allowed & (slot_ids <= slot)[None]
+            logits, caches = _decode_step(weights, config, mesh, token, prompt_len + step - 1, caches, allowed, slot)
+            new_token, logprob = pick(logits, step)
+            # Finished rows keep running (the batch moves together) but record nothing.
+            new_token = jnp.where(done, 0, new_token)
+            logprob = jnp.where(done, 0.0, logprob)
+            out_tokens = jax.lax.dynamic_update_slice(out_tokens, new_token[:, None], (0, step))
+            out_logprobs = jax.lax.dynamic_update_slice(out_logprobs, logprob[:, None], (0, step))
+            lengths = lengths + (~done).astype(jnp.int32)
+            hit_stop = ~done & jnp.isin(new_token, stop_ids)
+            return (step + 1, new_token, done | hit_stop, stopped | hit_stop, lengths, out_tokens, out_logprobs, caches)
+
+        state = (jnp.int32(1), token, done, stopped, lengths, out_tokens, out_logprobs, caches)
+        _, _, _, stopped, lengths, out_tokens, out_logprobs, _ = jax.lax.while_loop(cond, body, state)
+        return out_tokens, out_logprobs, lengths, stopped
+
+    return Programs(
+        jax.jit(prepare),
+        jax.jit(prefill),
+        jax.jit(decode, static_argnames=("greedy", "candidates", "new_capacity")),
+    )
+
+
+def programs_for(model) -> Programs:
+    """The jitted programs ``generate`` uses for ``model`` (e.g. to count compilations)."""
+    return _programs(model.module, model.mesh, model.dtype)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length for prefill: multiples of 8 up to 64, then 4 steps per doubling
+    (80, 96, 112, 128, 160, ...), so padding wastes at most 1/4 of the prefill work."""
+    size = MIN_PROMPT_BUCKET
+    while size < length:
+        size += max(8, (1 << (size.bit_length() - 1)) // 4)
+    return size
+
+
+def cache_bucket(length: int) -> int:
+    """Cache slots reserved for prompts in the decoder (a power of two >= the prefill bucket);
+    coarser than ``prompt_bucket`` because each decode program takes longer to compile."""
+    size = MIN_PROMPT_BUCKET
+    while size < length:
+        size *= 2
+    return size
+
+
+def _row_bucket(rows: int, ways: int) -> int:
+    size = 1
+    while size < rows:
+        size *= 2
+    return max(ways, -(-size // ways) * ways)
+
+
+def _batch_ways(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    show = enabled if enabled is not None else sys.stderr.isatty()
+    if not show or total <= 1:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="batch", leave=False)
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Chat-template and tokenise; strings become one user turn. Errors name the prompt."""
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], dict)):
+        raise SamplingError("prompts must be a list of prompts (strings or chat message lists), not a single prompt")
+    if len(prompts) == 0:
+        raise SamplingError("no prompts: generate needs at least one")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise SamplingError(f"prompt {i} is empty")
+        elif not prompt:
+            raise SamplingError(f"prompt {i} is an empty message list")
+        else:
+            for m in prompt:
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise SamplingError(f"prompt {i}: each message must be a dict with 'role' and 'content', got {m!r}")
+        out.append(tokenizer.encode(tokenizer.chat(prompt)))
+    return out
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    config: SamplingConfig = SamplingConfig(),
+    *,
+    progress: bool | None = None,
+) -> GenerationOutput:
+    """Sample ``config.n`` completions for each prompt (a user-message string or a list of
+    chat messages), in the chat template with the generation prompt. See ``GenerationOutput``."""
+    prompt_ids = tokenize_prompts(tokenizer, prompts)
+    stop_ids = config.stop_ids if config.stop_ids is not None else tuple(tokenizer.eos_ids)
+    config = dataclasses.replace(config, stop_ids=tuple(int(i) for i in stop_ids))
+    out = generate_ids(model, prompt_ids, config, progress=progress)
+    stop = set(config.stop_ids)
+    out.texts = [
+        [tokenizer.decode([t for t in ids if t not in stop]) for ids in per_prompt] for per_prompt in out.token_ids
+    ]
+    return out
+
+
+def generate_ids(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    progress: bool | None = None,
+) -> GenerationOutput:
+    """``generate`` on already tokenised prompts (``config.stop_ids`` must be set); texts are empty."""
+    if config.stop_ids is None or len(config.stop_ids) == 0:
+        raise SamplingError("generate_ids needs config.stop_ids (e.g. tokenizer.eos_ids)")
+    if len(prompt_ids) == 0:
+        raise SamplingError("no prompts: generate needs at least one")
+    c: LlamaConfig = model.config
+    max_prompt = config.max_prompt_tokens or c.max_position_embeddings - config.max_new_tokens
+    if max_prompt < 1:
+        raise SamplingError(
+            f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {c.max_position_embeddings} positions"
+        )
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise SamplingError(f"prompt {i} has no tokens")
+        if len(ids) > max_prompt:
+            raise SamplingError(
+                f"prompt {i} has {len(ids)} tokens, more than the limit of {max_prompt} "
+                f"(max_prompt_tokens, or the model's {c.max_position_embeddings} positions minus max_new_tokens)"
+            )
+        bad = [t for t in ids if not 0 <= int(t) < c.vocab_size]
+        if bad:
+            raise SamplingError(f"prompt {i}: token id {bad[0]} is outside the vocabulary of {c.vocab_size}")
+    for t in config.stop_ids:
+        if not 0 <= int(t) < c.vocab_size:
+            raise SamplingError(f"stop id {t} is outside the vocabulary of {c.vocab_size}")
+
+    mesh: Mesh = model.mesh
+    ways = _batch_ways(mesh)
+    programs = programs_for(model)
+    candidates = _needs_candidates(config, c.vocab_size)
+    new_capacity = -(-config.max_new_tokens // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING
+    batch_rows = mesh_lib.named_sharding(mesh, ("batch",))
+
+    # Rows (prompt, sample), shortest prompts first so each batch pads to a tight bucket.
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    rows = [(p, s) for p in order for s in range(config.n)]
+    batches = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+
+    n_prompts = len(prompt_ids)
+    token_ids: list[list[list[int]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
+    logprobs: list[list[list[float]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
+    finish: list[list[str]] = [[FINISH_LENGTH] * config.n for _ in range(n_prompts)]
+
+    scalars = dict(
+        seed=jnp.uint32(config.seed % 2**32),
+        max_new=jnp.int32(config.max_new_tokens),
+        min_new=jnp.int32(config.min_new_tokens),
+        temperature=jnp.float32(config.temperature if not config.greedy else 1.0),
+        top_p=jnp.float32(config.top_p),
+        top_k=jnp.int32(config.top_k),
+        stop_ids=jnp.asarray(config.stop_ids, jnp.int32),
+    )
+    bar = _progress_bar(len(batches), progress)
+    weights = programs.prepare(model.params)
+    try:
+        for batch in batches:
+            unique = list(dict.fromkeys(p for p, _ in batch))
+            P = prompt_bucket(max(len(prompt_ids[p]) for p in unique))
+            cache_len = cache_bucket(P)
+            Bp = _row_bucket(len(unique), ways)
+            B = _row_bucket(len(batch), ways)
+
+            tokens = np.zeros((Bp, P), np.int32)
+            mask = np.zeros((Bp, cache_len), bool)
+            positions = np.zeros((Bp, P), np.int32)
+            for j, p in enumerate(unique):
+                ids = prompt_ids[p]
+                tokens[j, P - len(ids) :] = ids
+                mask[j, P - len(ids) :] = True
+                positions[j, P - len(ids) :] = np.arange(len(ids))
+            mask[len(unique) :, P - 1] = True  # padding prompts: one dummy token keeps softmax finite
+            where = {p: j for j, p in enumerate(unique)}
+            row_prompt = np.zeros(B, np.int32)
+            row_active = np.zeros(B, bool)
+            prompt_len = np.ones(B, np.int32)
+            prompt_index = np.zeros(B, np.int32)
+            sample_index = np.zeros(B, np.int32)
+            for r, (p, s) in enumerate(batch):
+                row_prompt[r], row_active[r], prompt_len[r] = where[p], True, len(prompt_ids[p])
+                prompt_index[r], sample_index[r] = p, s
+
+            put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
+            last_hidden, cache = programs.prefill(model.params, put(tokens), put(positions), put(mask))
+            out_tokens, out_logprobs, lengths, stopped = programs.decode(
+                weights,
+                last_hidden,
+                cache,
+                put(mask),
+                jnp.int32(P),
+                *(jax.device_put(a, batch_rows) for a in (row_prompt, row_active, prompt_len, prompt_index, sample_index)),
+                **scalars,
+                greedy=config.greedy,
+                candidates=candidates,
+                new_capacity=new_capacity,
+            )
+            out_tokens, out_logprobs, lengths, stopped = jax.device_get((out_tokens, out_logprobs, lengths, stopped))
+            for r, (p, s) in enumerate(batch):
+                n = int(lengths[r])
+                token_ids[p][s] = out_tokens[r, :n].tolist()
+                logprobs[p][s] = out_logprobs[r, :n].tolist()
+                finish[p][s] = FINISH_STOP if stopped[r] else FINISH_LENGTH
+            if bar is not None:
+                bar.update(1)
+    finally:
+        del weights
+        if bar is not None:
+            bar.close()
+
+    return GenerationOutput(
+        texts=[[""] * config.n for _ in range(n_prompts)],
+        token_ids=token_ids,
+        logprobs=logprobs,
+        lengths=[[len(t) for t in per] for per in token_ids],
+        finish_reasons=finish,
+        prompt_lengths=[len(ids) for ids in prompt_ids],
+    )
+
+
+__all__ = [
+    "GenerationOutput",
+    "SamplingConfig",
+    "SamplingError",
+    "generate",
+    "generate_ids",
+    "prompt_bucket",
+    "programs_for",
+    "sample_logits",
+    "tokenize_prompts",
+]
