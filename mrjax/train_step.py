@@ -117,10 +117,10 @@ def dpo_loss(
 def logits_chunk(rows: int, length: int, vocab: int, max_logits_mb: int) -> int:
     """Sequence chunk (a divisor of ``length``) so one f32 [rows, chunk, vocab] block fits the budget."""
     budget = max_logits_mb * 2**20
-    chunk = length
-    while chunk > 1 and rows * chunk * vocab * 4 > budget and length % (chunk // 2) == 0 and chunk % 2 == 0:
-        chunk //= 2
-    return chunk
+    for chunk in range(length, 0, -1):
+        if length % chunk == 0 and rows * chunk * vocab * 4 <= budget:
+            return chunk
+    return 1
 
 
 def token_logps(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:

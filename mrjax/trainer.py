@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -115,7 +116,7 @@ class Trainer:
         if examples.ref_logps is not None:
             return examples
         cache = self.run_dir / "reference_logps.npz"
-        key = f"{name}:{examples.fingerprint}:{self.train_settings.max_length}"
+        key = f"{name}:{examples.fingerprint}:{self.train_settings.max_length}:{_params_fingerprint(self.model.params)}"
         stored = dict(np.load(cache)) if cache.is_file() else {}
         if f"{name}_key" in stored and str(stored[f"{name}_key"]) == key:
             examples.ref_logps = stored[f"{name}_logps"].astype(np.float32)
@@ -292,6 +293,13 @@ class Trainer:
         finally:
             bar.close()
         return state, last_metrics
+
+
+def _params_fingerprint(params: dict) -> str:
+    """A cheap identity of a model's weights (one reduction per tensor), so cached reference
+    log-probs are never reused for a different reference model."""
+    sums = jax.device_get(jax.tree.map(lambda x: jnp.sum(jnp.abs(x.astype(jnp.float32))), params))
+    return hashlib.sha256(np.asarray(jax.tree.leaves(sums), np.float64).tobytes()).hexdigest()[:16]
 
 
 _MEMO: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()

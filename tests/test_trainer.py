@@ -396,3 +396,17 @@ def test_dpo_benchmark_reports_side_by_side(tiny):
     assert result["ratio"] == pytest.approx(result["reference_step_s"] / result["step_s"], rel=1e-2)
     assert result["reference"] == "pytorch-equivalent" and len(result["step_times_s"]) == 2
     json.dumps(result)
+
+
+@pytest.mark.parametrize("name", ["smollm2_dpo", "smollm2_eft"])
+def test_bundled_configs_and_data_load_without_truncation(tiny, name):
+    _, tok = tiny
+    config = load_config(f"configs/{name}.yaml")
+    assert config.model.name == "smollm2-135m-instruct"
+    for path in (config.train.pairs, config.train.eval_pairs):
+        examples = load_examples(path, tok, config.train.kind, config.train.max_length)
+        assert examples.truncated == 0 and len(examples) >= 8
+    if config.train.kind == "sft":  # judge-format targets end with a parseable score
+        for _, row in read_rows(config.train.pairs, "sft"):
+            assert row["prompt"].startswith("Review the user's question") and "<response>" in row["prompt"]
+            assert row["completion"].rsplit("\n", 1)[-1].startswith("Score: ")
