@@ -1,0 +1,370 @@
+"""The sampler against HF transformers (greedy tokens), numpy float64 (sampling distributions,
+log-probabilities) and its own contract (reproducibility, stops, compile counts, errors)."""
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import CHAT_PROMPTS, single_device_mesh
+from scipy import stats
+
+from mrjax.mesh import make_mesh
+from mrjax.model.pretrained import Model, init_params, param_shardings
+from mrjax.model.registry import RANDOM_CONFIGS
+from mrjax.sampling import (
+    SamplingConfig,
+    SamplingError,
+    cache_bucket,
+    generate,
+    generate_ids,
+    programs_for,
+    prompt_bucket,
+    sample_logits,
+)
+
+# Eight prompts of different lengths (one a multi-turn chat); some answers end before 64 tokens.
+GREEDY_PROMPTS = CHAT_PROMPTS + [
+    "Name three colours.",
+    "Translate 'good morning' into Spanish.",
+    [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada!"},
+        {"role": "user", "content": "What is my name?"},
+    ],
+    "Explain briefly what a hash table is and when you would use one instead of a sorted list.",
+]
+NEW_TOKENS = 64
+
+
+def hf_greedy(hf_model, ids, eos_ids, max_new_tokens):
+    """transformers greedy decoding of one unpadded prompt; the generated ids up to and including the stop."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenMP spin-waits badly when other processes share the cores
+    try:
+        with torch.inference_mode():
+            out = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=list(eos_ids),
+                pad_token_id=eos_ids[0],
+            )
+    finally:
+        torch.set_num_threads(threads)
+    generated = out[0, len(ids) :].tolist()
+    for i, t in enumerate(generated):
+        if t in eos_ids:
+            return generated[: i + 1]
+    return generated
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(smol, hf_smol):
+    _, tok = smol
+    prompt_ids = [tok.encode(tok.chat(p)) for p in GREEDY_PROMPTS]
+    assert len({len(p) for p in prompt_ids}) == len(prompt_ids)
+    return [hf_greedy(hf_smol, ids, tok.eos_ids, NEW_TOKENS) for ids in prompt_ids]
+
+
+GREEDY = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
+
+
+def check_against_reference(out, reference, indices):
+    for i, ref in zip(indices, reference):
+        assert out.token_ids[i][0] == ref, f"prompt {i}: first difference at token {_first_diff(out.token_ids[i][0], ref)}"
+        stopped = len(ref) < NEW_TOKENS or ref[-1] in (2, 0)
+        assert out.finish_reasons[i][0] == ("stop" if stopped else "length")
+        assert out.lengths[i][0] == len(ref) == len(out.logprobs[i][0])
+
+
+def _first_diff(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture(scope="module")
+def greedy_batched(smol):
+    model, tok = smol
+    return generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)
+
+
+def test_greedy_matches_transformers_batched_and_alone(smol, greedy_reference, greedy_batched):
+    model, tok = smol
+    assert any(len(r) < NEW_TOKENS for r in greedy_reference)  # some rows stop early...
+    assert any(len(r) == NEW_TOKENS for r in greedy_reference)  # ...while others run on
+    check_against_reference(greedy_batched, greedy_reference, range(len(GREEDY_PROMPTS)))
+    for i, prompt in enumerate(GREEDY_PROMPTS):  # each alone: padding and batch-mates leak nothing
+        alone = generate(model, tok, [prompt], GREEDY, progress=False)
+        check_against_reference(alone, [greedy_reference[i]], [0])
+    texts = greedy_batched.texts
+    assert len(texts) == len(GREEDY_PROMPTS) and all(len(t) == 1 for t in texts)
+    assert "Paris" in texts[1][0]
+    assert texts[0][0] == tok.decode(greedy_reference[0], skip_special_tokens=True)
+
+
+def test_greedy_matches_transformers_on_an_8_device_mesh(smol, greedy_reference):
+    single, tok = smol
+    mesh = make_mesh(2, 2, 2)  # batch over data x fsdp, heads/mlp/vocab over tensor
+    model = Model(single.config, jax.device_put(single.params, param_shardings(single.config, mesh)), mesh)
+    out = generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)
+    check_against_reference(out, greedy_reference, range(len(GREEDY_PROMPTS)))
+    for i in (1, 6):  # two prompts alone (one row among padding rows; they share a cache bucket)
+        alone = generate(model, tok, [GREEDY_PROMPTS[i]], GREEDY, progress=False)
+        check_against_reference(alone, [greedy_reference[i]], [0])
+
+
+def test_logprobs_are_the_unmodified_model_distribution(smol, greedy_batched):
+    """Per-token log-probs equal a teacher-forced forward pass (float64 log-softmax), also when
+    sampling with temperature and top-p: they are log p(token) at temperature 1, untruncated."""
+    model, tok = smol
+    sampled = generate(
+        model, tok, GREEDY_PROMPTS[:3], SamplingConfig(max_new_tokens=24, temperature=0.7, top_p=0.8, seed=5), progress=False
+    )
+    for out, n in ((greedy_batched, 3), (sampled, 3)):
+        for i in range(n):
+            prompt = tok.encode(tok.chat(GREEDY_PROMPTS[i]))
+            completion = out.token_ids[i][0]
+            logits = np.asarray(model(np.array([prompt + completion])), np.float64)[0]
+            logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]
+            log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+            expected = log_softmax[np.arange(len(completion)), completion]
+            np.testing.assert_allclose(out.logprobs[i][0], expected, atol=2e-3, rtol=1e-3)
+    assert all(lp <= 0 for lp in sampled.logprobs[0][0])
+
+
+# ----------------------------------------------------------------------------- sampling distributions
+
+
+def intended_distribution(logits, temperature, top_k, top_p):
+    """HF transformers' semantics in float64: temperature, then top-k, then top-p (nucleus)."""
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        mass_before = np.cumsum(p[order]) - p[order]
+        nucleus = np.zeros_like(keep)
+        nucleus[order[mass_before < top_p]] = True
+        p = np.where(nucleus, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def draw(logits, n, temperature, top_k, top_p, candidates, seed=0):
+    rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+    u = jax.random.uniform(jax.random.key(seed), (n,))
+    f = jax.jit(lambda r, u: sample_logits(r, u, temperature, top_p, top_k, greedy=False, candidates=candidates))
+    return np.bincount(np.asarray(f(rows, u)), minlength=len(logits))
+
+
+def chi_square_p(counts, expected_probs):
+    support = expected_probs > 0
+    assert counts[~support].sum() == 0, f"drew tokens outside the intended support: {np.nonzero(counts * ~support)[0]}"
+    expected = expected_probs[support] * counts.sum()
+    return stats.chisquare(counts[support], expected).pvalue
+
+
+# Toy logits: a clear order, a near-flat tail, and mass spread so that the cut-offs matter.
+TOY = np.log(np.array([0.30, 0.20, 0.15, 0.10, 0.08, 0.06, 0.04, 0.03, 0.02, 0.01, 0.007, 0.003]))
+CASES = [  # temperature, top_k, top_p, candidates (0 = plain temperature sampling)
+    (1.0, 0, 1.0, 0),
+    (0.7, 0, 1.0, 0),
+    (1.5, 0, 1.0, 0),
+    (1.0, 3, 1.0, 8),
+    (0.8, 5, 1.0, 8),
+    (1.0, 0, 0.6, 8),
+    (0.8, 0, 0.9, 8),
+    (1.3, 4, 0.8, 8),
+    (1.0, 0, 0.85, 2),  # the nucleus is wider than the candidates: exact bisection fallback
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,candidates", CASES)
+def test_sampling_matches_the_intended_distribution(temperature, top_k, top_p, candidates):
+    n = 40_000
+    counts = draw(TOY, n, temperature, top_k, top_p, candidates)
+    intended = intended_distribution(TOY, temperature, top_k, top_p)
+    assert chi_square_p(counts, intended) > 1e-4
+    # The test has teeth: a cut-off one token off, or the untempered distribution, is rejected.
+    wrong = []
+    if top_k:
+        wrong.append(intended_distribution(TOY, temperature, top_k + 1, top_p))
+    if top_p < 1:  # the nucleus plus its next token
+        p = intended_distribution(TOY, temperature, top_k, 1.0)
+        order = np.argsort(-p)[: (intended > 0).sum() + 1]
+        wider = np.zeros_like(p)
+        wider[order] = p[order]
+        wrong.append(wider / wider.sum())
+    if temperature != 1:
+        wrong.append(intended_distribution(TOY, 1.0, top_k, top_p))
+    for alternative in wrong:
+        support = alternative > 0
+        expected = alternative[support] * n
+        observed = counts[support]
+        # Counts outside the alternative's support alone would reject it; otherwise chi-square.
+        if counts[~support].sum() == 0:
+            assert stats.chisquare(observed, expected).pvalue < 1e-6
+
+
+def test_sampling_large_vocabulary_uses_every_block():
+    """Inverse-CDF sampling walks blocks of 256 tokens: a vocabulary of 1000 (not a multiple of the
+    block) with mass in several blocks, against float64 probabilities."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000) * 0.5
+    logits[[3, 300, 700, 999]] += 4.0
+    counts = draw(logits, 60_000, 1.0, 0, 1.0, 0, seed=1)
+    intended = intended_distribution(logits, 1.0, 0, 1.0)
+    top = np.argsort(-intended)[:40]  # chi-square on the 40 most likely tokens plus the rest pooled
+    observed = np.append(counts[top], counts.sum() - counts[top].sum())
+    expected = np.append(intended[top], 1 - intended[top].sum()) * counts.sum()
+    assert stats.chisquare(observed, expected).pvalue > 1e-4
+    assert counts[999] > 0 and counts[3] > 0
+
+
+def test_greedy_takes_the_first_maximum():
+    logits = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 5.0]])
+    out = sample_logits(logits, jnp.zeros(2), 1.0, 1.0, 0, greedy=True)
+    np.testing.assert_array_equal(out, [1, 0])
+
+
+# ----------------------------------------------------------------------------- contract (tiny model)
+
+
+@pytest.fixture(scope="module")
+def tiny(smol):
+    """tiny-random (random weights, SmolLM2's vocabulary) on one device, with SmolLM2's tokenizer."""
+    config = RANDOM_CONFIGS["tiny-random"]
+    mesh = single_device_mesh()
+    return Model(config, init_params(config, mesh, seed=1), mesh), smol[1]
+
+
+def test_seed_reproduces_samples_across_batching_and_devices(tiny):
+    model, tok = tiny
+    prompts = ["Tell me a story.", "Why?", "Write a list of ten animals and say which one is largest."]
+    config = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, n=2, seed=3)
+    reference = generate(model, tok, prompts, config, progress=False)
+    assert all(len(per) == 2 for per in reference.token_ids)
+    assert reference.token_ids[0][0] != reference.token_ids[0][1]  # samples of one prompt differ
+
+    one_row_batches = generate(model, tok, prompts, dataclasses.replace(config, batch_size=1), progress=False)
+    assert one_row_batches.token_ids == reference.token_ids
+    more_prompts = generate(model, tok, prompts + ["An extra prompt changes nothing before it."], config, progress=False)
+    assert more_prompts.token_ids[:3] == reference.token_ids
+    mesh = make_mesh(4, 1, 2)
+    sharded = Model(model.config, jax.device_put(model.params, param_shardings(model.config, mesh)), mesh)
+    assert generate(sharded, tok, prompts, config, progress=False).token_ids == reference.token_ids
+    other_seed = generate(model, tok, prompts, dataclasses.replace(config, seed=4), progress=False)
+    assert other_seed.token_ids != reference.token_ids
+
+
+def test_rows_stop_at_their_own_end_of_turn_and_nothing_follows(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(tok.chat(p)) for p in ("One.", "Two two.", "Three three three.")]
+    free = generate_ids(model, prompts, SamplingConfig(max_new_tokens=10, temperature=0, stop_ids=(tok.pad_id,)))
+    assert all(r == ["length"] for r in free.finish_reasons)
+    stop = free.token_ids[0][0][4]  # a token row 0 produces at step 4 becomes an end-of-turn id
+    out = generate_ids(model, prompts, SamplingConfig(max_new_tokens=10, temperature=0, stop_ids=(stop,)))
+    for i in range(len(prompts)):
+        full = free.token_ids[i][0]
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert out.token_ids[i][0] == expected
+        assert out.finish_reasons[i][0] == ("stop" if stop in full else "length")
+        assert out.lengths[i][0] == len(expected) == len(out.logprobs[i][0])
+        np.testing.assert_allclose(out.logprobs[i][0], free.logprobs[i][0][: len(expected)], rtol=1e-5, atol=1e-6)
+    assert out.finish_reasons[0][0] == "stop" and len(out.token_ids[0][0]) <= 5
+    # min_new_tokens forbids the stop id until then (HF's min_new_tokens).
+    forced = generate_ids(model, prompts, SamplingConfig(max_new_tokens=10, min_new_tokens=10, temperature=0, stop_ids=(stop,)))
+    assert all(len(t[0]) == 10 and stop not in t[0] for t in forced.token_ids)
+
+
+def test_compilations_are_bounded_by_the_buckets(tiny):
+    model, _ = tiny
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=50)
+    prompts = [rng.integers(10, 1000, size=n).tolist() for n in lengths]
+    config = SamplingConfig(max_new_tokens=3, temperature=0.9, top_k=20, batch_size=16, stop_ids=(0,))
+    generate_ids(model, [[5, 6, 7]], config)  # compiles prepare and the host-side helpers
+    programs = programs_for(model)
+    cached_before = programs.prefill._cache_size() + programs.decode._cache_size()
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        generate_ids(model, prompts, config)
+        first = len(compiles)
+        generate_ids(model, prompts, config)
+        second = len(compiles) - first
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # Buckets: rows sorted by prompt length go in batches of 16; a batch needs the prefill for its
+    # (rows, prompt bucket) and the decoder for its (rows, cache bucket). 50 = 3 x 16 + 2.
+    batches = np.split(np.sort(lengths), [16, 32, 48])
+    rows = [1 << (len(b) - 1).bit_length() for b in batches]
+    prefill_buckets = {(r, prompt_bucket(int(b.max()))) for r, b in zip(rows, batches)}
+    decode_buckets = {(r, cache_bucket(prompt_bucket(int(b.max())))) for r, b in zip(rows, batches)}
+    assert 0 < first <= len(prefill_buckets) + len(decode_buckets) < len(set(lengths.tolist())) / 3
+    assert second == 0  # the same work again compiles nothing
+    cached_after = programs.prefill._cache_size() + programs.decode._cache_size()
+    assert cached_after - cached_before == first
+
+
+def test_many_batches_with_a_progress_bar(tiny, capsys):
+    model, tok = tiny
+    out = generate(model, tok, ["a b c", "d e", "f"], SamplingConfig(max_new_tokens=2, batch_size=1, n=2), progress=True)
+    assert [len(t) for t in out.texts] == [2, 2, 2]
+    assert "generate" in capsys.readouterr().err
+
+
+def test_bad_input_is_a_clear_error(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(max_new_tokens=4)
+    with pytest.raises(SamplingError, match="no prompts"):
+        generate(model, tok, [], cfg)
+    with pytest.raises(SamplingError, match="prompt 1 is empty"):
+        generate(model, tok, ["fine", "  "], cfg)
+    with pytest.raises(SamplingError, match="prompt 0 is an empty message list"):
+        generate(model, tok, [[]], cfg)
+    with pytest.raises(SamplingError, match="not a single prompt"):
+        generate(model, tok, "just a string", cfg)
+    with pytest.raises(SamplingError, match=r"prompt 1 has \d+ tokens, more than the limit of 40"):
+        generate(model, tok, ["short", "long " * 100], SamplingConfig(max_new_tokens=4, max_prompt_tokens=40))
+    with pytest.raises(SamplingError, match="more than the limit"):  # the model's context bounds prompts too
+        generate(model, tok, ["word " * 2100], cfg)
+    with pytest.raises(SamplingError, match="outside the vocabulary"):
+        generate_ids(model, [[1, 2, 10**6]], SamplingConfig(stop_ids=(0,)))
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(n=0), dict(max_new_tokens=0),
+                dict(min_new_tokens=9, max_new_tokens=4), dict(batch_size=0)):
+        with pytest.raises(SamplingError):
+            SamplingConfig(**bad)
+
+
+def test_config_from_settings():
+    from mrjax.config import SamplingSettings
+
+    cfg = SamplingConfig.from_settings(SamplingSettings(), n=7, seed=1)
+    assert (cfg.temperature, cfg.top_p, cfg.n, cfg.seed, cfg.batch_size) == (0.8, 0.95, 7, 1, 32)
+
+
+def test_benchmark_runs_and_reports(tiny):
+    from mrjax.benchmarks import sample
+
+    parser = argparse.ArgumentParser()
+    sample.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny-random", "--prompts", "2", "--max-new-tokens", "3", "--repeats", "1", "--skip-reference"])
+    result = sample.run(args)
+    assert result["generated_tokens"] == 6
+    for key in ("tokens_per_s", "compile_s", "roofline_fraction", "matmul_gflops", "achieved_gflops"):
+        assert result[key] > 0, key
