@@ -133,9 +133,8 @@ def token_logps(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, chunk
 
     def chunk_logps(h, t):
         logits = jnp.einsum("nce,ev->ncv", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
-        vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-        # The target logit by a masked sum (fuses with the logsumexp pass; no gather/scatter over vocab).
-        target_logit = jnp.sum(jnp.where(vocab_ids == t[..., None], logits, 0.0), axis=-1)
+        # take_along_axis measured faster on CPU than a one-hot masked sum (its backward fuses better).
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
     if chunk >= length:

@@ -394,7 +394,7 @@ def test_dpo_benchmark_reports_side_by_side(tiny):
     for key in ("step_s", "reference_step_s", "ratio", "peak_rss_mb", "reference_peak_rss_mb", "compile_s"):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["reference_step_s"] / result["step_s"], rel=1e-2)
-    assert result["reference"] == "pytorch-equivalent" and len(result["step_times_s"]) == 2
+    assert result["reference"] == "pytorch-equivalent" and len(result["step_times_s"]) == 1
     json.dumps(result)
 
 

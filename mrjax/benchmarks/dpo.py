@@ -7,9 +7,12 @@ each sequence 256 tokens = a 128-token chat prompt + a 128-token completion, sig
 loss, AdamW, reference log-probs precomputed on both sides (TRL:
 ``precompute_ref_log_probs=True``), so a step is one policy forward + backward +
 optimizer update. Both sides see the same token ids and the same weights (mrjax exports
-its parameters to an HF directory that transformers loads). One process: mrjax steps,
-then the reference's, then mrjax again; each side's time is the median of its timed
-steps after a warm-up (compile) step. ``ratio`` = reference_step_s / step_s.
+its parameters to an HF directory that transformers loads). One process, steps
+interleaved: after each reference step (timed by a TrainerCallback) one mrjax step
+runs, so both sides see the same background load. Each side's time is the median of
+its steps after a warm-up; ``ratio`` = reference_step_s / step_s. CPU seconds per step
+(``*_cpu_s``, all threads of the process) are reported too: on a shared machine they
+move less with other people's load than wall time does.
 """
 from __future__ import annotations
 
@@ -47,23 +50,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+    """Peak resident memory of this process between start and stop (sampled every 5 ms)."""
 
-    def __enter__(self):
+    def start_sampling(self) -> "PeakRSS":
         self.start = self.peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def stop_sampling(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
     def _sample(self):
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, _rss_bytes())
 
+    def __enter__(self):
+        return self.start_sampling()
+
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.stop_sampling()
 
     @property
     def peak_mb(self) -> float:
@@ -72,6 +82,19 @@ class PeakRSS:
     @property
     def delta_mb(self) -> float:
         return round((self.peak - self.start) / 2**20, 1)
+
+
+def release_memory() -> None:
+    """Collect garbage (HF Trainer objects hold reference cycles) and hand freed heap back to the OS,
+    so the next phase of the run does not stack on the previous one's memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _rss_bytes() -> int:
@@ -198,11 +221,12 @@ class MrjaxDPO:
 
         return make_batch(self.examples, list(range(self.n)), self.n, 1, self.tokenizer.pad_id, self.max_length)
 
-    def step(self) -> float:
-        t0 = time.perf_counter()
+    def step(self) -> tuple[float, float]:
+        """One step; (wall seconds, process CPU seconds)."""
+        wall, cpu = time.perf_counter(), time.process_time()
         self.state, metrics = self.step_fn(self.state, self._batch())
         self.metrics = self.ts.numpy_metrics(metrics)
-        return time.perf_counter() - t0
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     def memory_analysis(self) -> dict:
         """XLA's own accounting of the compiled step (bytes of arguments, outputs, temporaries)."""
@@ -232,7 +256,8 @@ def _hf_dir(model: Any, tokenizer: Any, directory: Path) -> Path:
     return model.save_pretrained(directory, tokenizer)
 
 
-def run_trl(hf_dir: Path, rows: list[dict], steps: int, lr: float, out_dir: Path) -> dict:
+def run_trl(hf_dir: Path, rows: list[dict], steps: int, lr: float, out_dir: Path, between_steps) -> dict:
+    """TRL's DPOTrainer for steps + 1 steps; ``between_steps()`` runs after each (outside its timing)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -242,14 +267,19 @@ def run_trl(hf_dir: Path, rows: list[dict], steps: int, lr: float, out_dir: Path
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     policy = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    times: list[float] = []
+    times: list[tuple[float, float]] = []
+    memory = PeakRSS()
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            if not times:
+                memory.start_sampling()  # the reference's own peak: its first step, before any mrjax step
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+            times.append((time.perf_counter() - self.wall, time.process_time() - self.cpu))
+            memory.stop_sampling()
+            between_steps()
 
     config = DPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=len(rows), gradient_accumulation_steps=1,
@@ -262,13 +292,14 @@ def run_trl(hf_dir: Path, rows: list[dict], steps: int, lr: float, out_dir: Path
     first = trainer.train_dataset[0]
     assert list(first["prompt_ids"]) == rows[0]["prompt_ids"] and list(first["chosen_ids"]) == rows[0]["chosen_ids"], \
         "TRL tokenised the pairs differently from mrjax"
-    with PeakRSS() as mem, contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
         trainer.train()
-    return {"times": times, "peak_rss_mb": mem.peak_mb, "rss_delta_mb": mem.delta_mb,
+    del trainer, policy
+    return {"times": times, "peak_rss_mb": memory.peak_mb, "rss_delta_mb": memory.delta_mb,
             "threads": torch.get_num_threads(), "version": __import__("trl").__version__}
 
 
-def run_pytorch(hf_dir: Path, rows: list[dict], steps: int, lr: float) -> dict:
+def run_pytorch(hf_dir: Path, rows: list[dict], steps: int, lr: float, between_steps) -> dict:
     """The same DPO step written directly in PyTorch: concatenated chosen+rejected forward, completion-masked
     log-softmax sums, sigmoid loss against precomputed reference log-probs, clipping, AdamW."""
     import torch
@@ -294,18 +325,20 @@ def run_pytorch(hf_dir: Path, rows: list[dict], steps: int, lr: float) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     n = len(rows)
     times = []
-    with PeakRSS() as mem:
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            pol = logps(model)
-            delta = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
-            loss = -F.logsigmoid(0.1 * delta).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - t0)
-    return {"times": times, "peak_rss_mb": mem.peak_mb, "rss_delta_mb": mem.delta_mb,
+    memory = PeakRSS().start_sampling()
+    for _ in range(steps + 1):
+        wall, cpu = time.perf_counter(), time.process_time()
+        pol = logps(model)
+        delta = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+        loss = -F.logsigmoid(0.1 * delta).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        memory.stop_sampling()
+        between_steps()
+    return {"times": times, "peak_rss_mb": memory.peak_mb, "rss_delta_mb": memory.delta_mb,
             "threads": torch.get_num_threads()}
 
 
@@ -346,30 +379,35 @@ def compare(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             reference, why = "pytorch", f"TRL not importable ({err}); an equal PyTorch step instead"
 
     ours = MrjaxDPO(model, tokenizer, rows, not args.no_share_prompt, args.max_logits_mb, lr, max_length)
-    with PeakRSS() as mem_compile:
-        compile_s = ours.step()
-    with PeakRSS() as mem_first:
-        first_round = [ours.step() for _ in range(args.steps)]
+    compile_s, _ = ours.step()  # compiles
+    with PeakRSS() as mem_ours:  # mrjax's own peak: one step on its own
+        ours.step()
+    release_memory()
+    interleaved: list[tuple[float, float]] = []
+
+    def mrjax_step():  # runs after each reference step, outside the reference's timing
+        release_memory()
+        interleaved.append(ours.step())
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = _hf_dir(model, tokenizer, Path(tmp) / "hf")
         if reference == "trl":
             try:
-                ref = run_trl(hf_dir, rows, args.steps, lr, Path(tmp) / "trl")
+                ref = run_trl(hf_dir, rows, args.steps, lr, Path(tmp) / "trl", mrjax_step)
             except Exception as err:  # noqa: BLE001 - fall back, and say why
                 if args.reference == "trl":
                     raise
                 reference, why = "pytorch", f"TRL failed here ({type(err).__name__}: {err}); an equal PyTorch step instead"
-                ref = run_pytorch(hf_dir, rows, args.steps, lr)
+                interleaved.clear()
+                ref = run_pytorch(hf_dir, rows, args.steps, lr, mrjax_step)
         else:
-            ref = run_pytorch(hf_dir, rows, args.steps, lr)
+            ref = run_pytorch(hf_dir, rows, args.steps, lr, mrjax_step)
+    release_memory()
 
-    with PeakRSS() as mem_second:
-        second_round = [ours.step() for _ in range(args.steps)]
-    step_times = first_round + second_round
-    step_s = statistics.median(step_times)
-    ref_times = ref["times"][1:]  # the first step warms up
-    reference_step_s = statistics.median(ref_times)
+    # The first pair is a warm-up (the reference's first step allocates and builds its kernels).
+    ours_t, ref_t = interleaved[1:], ref["times"][1:]
+    step_s = statistics.median(t for t, _ in ours_t)
+    reference_step_s = statistics.median(t for t, _ in ref_t)
     tokens = args.pairs * 2 * max_length
     result = {
         "benchmark": "dpo",
@@ -384,13 +422,15 @@ def compare(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
         "ratio": round(reference_step_s / step_s, 3),
         "reference": "trl-DPOTrainer" if reference == "trl" else "pytorch-equivalent",
         "reference_version": ref.get("version", ""),
+        "step_cpu_s": round(statistics.median(c for _, c in ours_t), 3),
+        "reference_step_cpu_s": round(statistics.median(c for _, c in ref_t), 3),
         "compile_s": round(compile_s, 2),
-        "step_times_s": [round(t, 3) for t in step_times],
-        "reference_step_times_s": [round(t, 3) for t in ref_times],
+        "step_times_s": [round(t, 3) for t, _ in ours_t],
+        "reference_step_times_s": [round(t, 3) for t, _ in ref_t],
         "tokens_per_s": round(tokens / step_s, 1),
         "reference_tokens_per_s": round(tokens / reference_step_s, 1),
-        "peak_rss_mb": max(mem_compile.peak_mb, mem_first.peak_mb, mem_second.peak_mb),
-        "step_rss_delta_mb": max(mem_first.delta_mb, mem_second.delta_mb),
+        "peak_rss_mb": mem_ours.peak_mb,
+        "step_rss_delta_mb": mem_ours.delta_mb,
         "reference_peak_rss_mb": ref["peak_rss_mb"],
         "reference_rss_delta_mb": ref["rss_delta_mb"],
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
