@@ -35,7 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrjax.mesh import named_sharding
-from mrjax.model.llama import KVCache, LlamaConfig, unembedding
+from mrjax.model.llama import KVCache, unembedding
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 DPO_METRICS = (
@@ -160,11 +160,12 @@ def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_p
     kv_mask = jnp.concatenate([rep(prefix_mask), mb["mask"]], axis=1)
     if share_prompt and repeats > 1:
         # The prompt once per pair: prefill a KV cache, copy it to both completions, and continue from it.
-        config = module.config
-        cache = KVCache.zeros(config, b, prefix_len + length, module.dtype)
-        prefill_mask = jnp.concatenate([prefix_mask, jnp.zeros((b, length), bool)], axis=1)
-        _, cache = apply(prefix_tokens, prefix_positions, prefill_mask, cache, 0, return_hidden=True)
-        cache = KVCache(jnp.repeat(cache.k, repeats, axis=1), jnp.repeat(cache.v, repeats, axis=1))
+        # The prefill cache holds only the prompt (its attention spans P keys, not P + C);
+        # it is then widened by C empty slots for the completions.
+        cache = KVCache.zeros(module.config, b, prefix_len, module.dtype)
+        _, cache = apply(prefix_tokens, prefix_positions, prefix_mask, cache, 0, return_hidden=True)
+        widen = ((0, 0), (0, 0), (0, length), (0, 0), (0, 0))
+        cache = KVCache(*(jnp.repeat(jnp.pad(c, widen), repeats, axis=1) for c in cache))
         hidden, _ = apply(mb["tokens"], mb["positions"], kv_mask, cache, prefix_len, return_hidden=True)
         return hidden
     tokens = jnp.concatenate([rep(prefix_tokens), mb["tokens"]], axis=1)

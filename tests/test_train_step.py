@@ -188,8 +188,6 @@ def test_dpo_gradients_match_pytorch_transformers(tiny, hf_tiny, loss_type, eps,
 
 
 def test_sft_loss_and_gradients_match_pytorch(tiny, hf_tiny):
-    import torch
-
     from mrjax.model.weights import params_to_hf_tensors
 
     model, tok = tiny
@@ -211,7 +209,6 @@ def test_sft_loss_and_gradients_match_pytorch(tiny, hf_tiny):
     ours, theirs = params_to_hf_tensors(model.config, grads), torch_grads_by_hf_name(hf_tiny)
     for name in theirs:
         assert _rel_err(ours[name], theirs[name]) < 2e-4, name
-    del torch
 
 
 def _train_settings(**kw):

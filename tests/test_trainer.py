@@ -5,7 +5,6 @@ import random
 import jax
 import numpy as np
 import pytest
-from conftest import single_device_mesh
 
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import load_config
