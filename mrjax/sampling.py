@@ -9,22 +9,25 @@ How a call runs:
 
 * Prompts are chat-templated and tokenised, sorted by length and cut into batches of at
   most ``batch_size`` rows (a row is one sample of one prompt). Each batch prefills its
-  *distinct* prompts once (the ``n`` samples of a prompt share that prefill), left-padded
-  to a length bucket (16, 24, 32, 48, 64, 96, ...); row counts are bucketed to powers of
-  two. Lengths, step limits and sampling parameters are arrays inside the jitted code, so
-  a handful of programs serve every prompt length.
+  *distinct* prompts once (the ``n`` samples of a prompt share it), left-padded to a
+  prefill bucket (multiples of 8 up to 64, then four steps per doubling); the decoder
+  reserves a coarser cache bucket (16, 24, 32, 48, 64, 96, ...) for the prompt, and row
+  counts go to powers of two. Lengths, step limits and sampling parameters are arrays
+  inside the jitted code, so a handful of programs serve every prompt length.
 * The decoder is one jitted ``lax.while_loop``: each step runs the model on one token
-  per row against the cache (updated in place inside the loop), samples, and stops when
-  every row has produced an end-of-turn id or ``max_new_tokens`` is reached.
-* Randomness: the key of sample ``s`` of prompt ``i`` at step ``t`` is
-  ``fold_in(fold_in(fold_in(key(seed), i), s), t)``, one uniform per step; nothing depends
-  on how rows were batched, padded or spread over devices.
+  per row against the cache (loop-carried, so XLA updates it in place), samples, and
+  stops when every row has produced an end-of-turn id or ``max_new_tokens`` is reached.
+  Finished rows keep computing (the batch moves together) but record nothing.
+* Randomness: sample ``s`` of prompt ``i`` (its index in the caller's list) uses, at step
+  ``t``, one uniform from ``fold_in(fold_in(fold_in(key(seed), i), s), t)``, turned into a
+  token by inverse-CDF sampling; nothing depends on how rows are batched, padded or spread
+  over devices.
 
-The decode step is its own function (not ``Llama.apply``) because on CPU the generic
-forward costs several times more per token: it hoists RoPE out of the layer loop, keeps
-the cache in a decode-friendly layout and updates it in place, and computes the output
-projection in the faster orientation. ``tests/test_sampling.py`` checks it token for
-token against HF transformers and against ``model.apply``.
+The decode step is its own function, not ``Llama.apply``: on CPU the generic forward costs
+several times more per token. It runs on a per-call copy of the weights (one array per
+layer, matrices stored [out, in]), hoists RoPE out of the layer loop and keeps the cache
+in a decode-friendly layout. ``tests/test_sampling.py`` checks it token for token against
+HF transformers and its log-probabilities against a teacher-forced ``model`` forward.
 """
 from __future__ import annotations
 
@@ -350,7 +353,9 @@ def decode_weights(params: dict, config: LlamaConfig, dtype, mesh: Mesh | None) 
 
 def _logits(weights, config: LlamaConfig, x):
     """Final-norm hidden states, feature-major [E, B] -> float32 logits [B, V]."""
-    return _matmul(weights["unembed"], x).T
+    # The barrier keeps XLA from folding the transpose into the product, which would turn it
+    # back into the [B, E] x [E, V] orientation that runs at about half the speed on CPU.
+    return jax.lax.optimization_barrier(_matmul(weights["unembed"], x)).T
 
 
 def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, kv_allowed, slot):
@@ -462,8 +467,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         def pick(logits, step):
             log_norm = jax.nn.logsumexp(logits, axis=-1)
             # Before min_new tokens the end-of-turn ids may not be drawn (HF's min_new_tokens).
-            banned = (step < min_new) & (jnp.arange(logits.shape[-1]) == stop_ids[:, None]).any(0)
-            allowed_logits = jnp.where(banned[None], -jnp.inf, logits)
+            allowed_logits = logits.at[:, stop_ids].min(jnp.where(step < min_new, -jnp.inf, jnp.inf))
             u = row_uniforms(seed, prompt_index, sample_index, step)
             token = sample_logits(allowed_logits, u, temperature, top_p, top_k, greedy=greedy, candidates=candidates)
             # Log-probability under the unmodified model (temperature 1, no truncation).
@@ -526,12 +530,14 @@ def prompt_bucket(length: int) -> int:
 
 
 def cache_bucket(length: int) -> int:
-    """Cache slots reserved for prompts in the decoder (a power of two >= the prefill bucket);
-    coarser than ``prompt_bucket`` because each decode program takes longer to compile."""
+    """Cache slots reserved for prompts in the decoder: 16, 24, 32, 48, 64, 96, ... (powers of two
+    and 1.5x between), coarser than ``prompt_bucket`` because decode programs compile slower."""
     size = MIN_PROMPT_BUCKET
-    while size < length:
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= length:
+                return candidate
         size *= 2
-    return size
 
 
 def _row_bucket(rows: int, ways: int) -> int:
@@ -611,7 +617,9 @@ def generate_ids(
     if len(prompt_ids) == 0:
         raise SamplingError("no prompts: generate needs at least one")
     c: LlamaConfig = model.config
-    max_prompt = config.max_prompt_tokens or c.max_position_embeddings - config.max_new_tokens
+    max_prompt = c.max_position_embeddings - config.max_new_tokens
+    if config.max_prompt_tokens is not None:
+        max_prompt = min(max_prompt, config.max_prompt_tokens)
     if max_prompt < 1:
         raise SamplingError(
             f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
