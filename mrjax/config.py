@@ -25,6 +25,9 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}' {message}")
 
 
+REMAT_POLICIES = ("full", "dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
     # A registry name (smollm2-135m-instruct, tiny-random, llama3-8b), an HF checkpoint dir or a .gguf path.
@@ -32,6 +35,13 @@ class ModelSettings:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # stored parameter dtype; optimizer state is always float32
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # What remat keeps: "full" recomputes the whole layer (least memory); "dots" keeps the
+    # matmul outputs and recomputes the cheap elementwise work (about no-remat speed, less memory).
+    remat_policy: str = "full"
+
+    def __post_init__(self):
+        _check(self.remat_policy in REMAT_POLICIES, "model.remat_policy",
+               f"must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
 
 
 @dataclasses.dataclass(frozen=True)

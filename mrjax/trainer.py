@@ -243,7 +243,7 @@ class Trainer:
                 writer.close()
 
         trained = type(self.model)(self.model.config, state.params, self.mesh, self.model.dtype,
-                                   self.model.module.remat)
+                                   self.model.module.remat, self.model.module.remat_policy)
         return TrainResult(trained, total, last_metrics, eval_metrics, self.run_dir)
 
     def _release_model(self) -> None:
@@ -390,7 +390,8 @@ def build_trainer(
             raise ConfigError(str(err)) from None
         m = config.model
         model, loaded_tok = load_pretrained(m.name, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                            remat=m.remat, seed=config.seed, progress=progress)
+                                            remat=m.remat, seed=config.seed, progress=progress,
+                                            remat_policy=m.remat_policy)
         tokenizer = tokenizer or loaded_tok
         donate_model = True
     if tokenizer is None:

@@ -44,6 +44,7 @@ def test_round_trip_through_dict(tmp_path):
         (["mesh.tensor=four"], "'mesh.tensor' must be int"),
         (["train.learning_rate=fast"], "'train.learning_rate' must be float"),
         (["model.remat=3"], "'model.remat' must be bool"),
+        (["model.remat_policy=most"], "'model.remat_policy' must be one of full, dots, got 'most'"),
         (["iteration.rho=[0, x]"], r"'iteration.rho\[1\]' must be float"),
         (["mesh"], "not of the form key.sub=value"),
         (["mesh=3"], "mesh: expected a mapping"),

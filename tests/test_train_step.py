@@ -225,7 +225,7 @@ STEP_INDICES = [0, 1, 2, 0, 1, 2, 1]
 STEP_REF_LOGPS = np.array([[-30.0, -90.0], [-70.0, -20.0], [-60.0, -40.0]], np.float32)
 
 
-def _step_once(model, tok, mesh, params, train, batch_rows=8, grad_accum=1, share=True):
+def _step_once(model, tok, mesh, params, train, batch_rows=8, grad_accum=1, share=True, **module_kw):
     from mrjax.model.pretrained import param_shardings
 
     examples = pair_examples(tok)
@@ -236,7 +236,7 @@ def _step_once(model, tok, mesh, params, train, batch_rows=8, grad_accum=1, shar
     abstract = jax.eval_shape(lambda p: p, params)
     shardings = ts.state_shardings(tx, shards, abstract, mesh)
     state = ts.init_state(params, tx, shardings)
-    module = type(model.module)(model.config, mesh=mesh)
+    module = type(model.module)(model.config, mesh=mesh, **module_kw)
     step = ts.make_train_step("dpo", module, tx, schedule, shardings, mesh, DPOSettings(share_prompt=share))
     indices = STEP_INDICES[: batch_rows - 1]  # the last row is weight-0 padding
     batch = make_batch(examples, indices, batch_rows, grad_accum, tok.pad_id, 128)
@@ -315,6 +315,36 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, one_device_step):
     train4 = _train_settings(batch_size=8, grad_accum=4)
     p4, m4, _ = _step_once(model, tok, single_device_mesh(), jax.device_get(model.params), train4, grad_accum=4)
     _assert_same_step((p4, m4), one_device_step)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_step_equals_plain_step(tiny, one_device_step, policy):
+    model, tok = tiny
+    got = _step_once(model, tok, single_device_mesh(), jax.device_get(model.params), _train_settings(batch_size=8),
+                     remat=True, remat_policy=policy)
+    _assert_same_step(got[:2], one_device_step)
+
+
+def test_remat_policies_trade_memory():
+    """XLA's own accounting of a forward+backward: "full" keeps least, "dots" (matmul outputs
+    only) less than no remat. A policy that saved nothing or everything would break the order."""
+    from mrjax.model.llama import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+    tokens = jnp.zeros((8, 256), jnp.int32)
+    params = Llama(config).init(jax.random.key(0), tokens[:, :8])["params"]
+
+    def temp_bytes(**kw):
+        module = Llama(config, **kw)
+
+        def loss(p):
+            return jnp.mean(module.apply({"params": p}, tokens)[0] ** 2)
+
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    plain, full, dots = temp_bytes(), temp_bytes(remat=True, remat_policy="full"), temp_bytes(remat=True, remat_policy="dots")
+    assert full < dots < plain, (full, dots, plain)
 
 
 def test_chunked_token_logps_equal_whole_and_budget_picks_chunk():

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TRL's DPOTrainer, an equal hand-written PyTorch step, or TRL when it imports")
     p.add_argument("--no-share-prompt", action="store_true", help="mrjax: concatenated forward instead")
     p.add_argument("--max-logits-mb", type=int, default=1024)
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="mrjax rematerialisation: none (the default config), full, or dots (keep matmul outputs)")
 
 
 # ---------------------------------------------------------------- memory
@@ -350,7 +352,9 @@ def run(args: argparse.Namespace) -> dict:
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model, tokenizer = load_pretrained(args.model, mesh=mesh, progress=False)
+    remat = getattr(args, "remat", "none")
+    model, tokenizer = load_pretrained(args.model, mesh=mesh, progress=False, remat=remat != "none",
+                                       remat_policy="full" if remat == "none" else remat)
     return compare(model, tokenizer, args)
 
 
@@ -415,6 +419,7 @@ def compare(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
         "prompt_tokens": args.prompt_tokens,
         "completion_tokens": args.completion_tokens,
         "share_prompt": not args.no_share_prompt,
+        "remat": getattr(args, "remat", "none"),
         "step_s": round(step_s, 3),
         "reference_step_s": round(reference_step_s, 3),
         "ratio": round(reference_step_s / step_s, 3),

@@ -213,12 +213,22 @@ class Block(nn.Module):
         return x, new_cache
 
 
+# Which activations a rematerialised layer keeps for the backward pass. "dots" keeps the
+# projections' outputs (recomputing norms, RoPE, softmax and SwiGLU): on CPU it ran the DPO
+# step at no-remat speed with about half the temporary memory.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Llama(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32  # compute dtype; logits are always float32
     param_dtype: Any = jnp.float32
     remat: bool = False
     mesh: Mesh | None = None  # for activation sharding constraints
+    remat_policy: str = "full"  # "full": recompute everything; "dots": keep matmul outputs
 
     @nn.compact
     def __call__(
@@ -244,7 +254,7 @@ class Llama(nn.Module):
 
         block = Block
         if self.remat:
-            block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.remat_policy])
         layers = nn.scan(
             block,
             variable_axes={"params": 0},

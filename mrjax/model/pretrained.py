@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mrjax import mesh as mesh_lib
 from mrjax.model import registry, weights
-from mrjax.model.llama import Llama, LlamaConfig
+from mrjax.model.llama import REMAT_POLICIES, Llama, LlamaConfig
 from mrjax.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,10 +40,14 @@ class Model:
         mesh: Mesh,
         dtype: Any = jnp.float32,
         remat: bool = False,
+        remat_policy: str = "full",
     ):
         self.config, self.params, self.mesh = config, params, mesh
         self.dtype = _dtype(dtype)
-        self.module = Llama(config, dtype=self.dtype, param_dtype=_leaf_dtype(params), remat=remat, mesh=mesh)
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {remat_policy!r}")
+        self.module = Llama(config, dtype=self.dtype, param_dtype=_leaf_dtype(params), remat=remat, mesh=mesh,
+                            remat_policy=remat_policy)
 
     @functools.cached_property
     def param_axes(self) -> dict:
@@ -134,6 +138,7 @@ def load_pretrained(
     remat: bool = False,
     seed: int = 0,
     progress: bool = True,
+    remat_policy: str = "full",
 ) -> tuple[Model, Tokenizer]:
     """A model and its tokenizer from a registry name, an HF checkpoint directory or a .gguf file.
 
@@ -145,7 +150,7 @@ def load_pretrained(
         config = registry.RANDOM_CONFIGS[name]
         tokenizer = load_tokenizer(registry.embedded_gguf_path()) if config.vocab_size == 49152 else None
         params = init_params(config, mesh, seed, param_dtype)
-        return Model(config, params, mesh, dtype, remat), tokenizer
+        return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
 
     path = registry.embedded_gguf_path() if name == "smollm2-135m-instruct" else Path(name).expanduser()
     if not path.exists():
@@ -165,4 +170,4 @@ def load_pretrained(
             f"{config.vocab_size} rows (tokenizer and weights do not belong together)"
         )
     params = weights.load_params(config, source, param_shardings(config, mesh), _dtype(param_dtype), progress)
-    return Model(config, params, mesh, dtype, remat), tokenizer
+    return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
