@@ -283,11 +283,12 @@ def _fake_loader(tiny):
     """load_pretrained stand-in: the cached tiny model placed on the requested mesh (no reload)."""
     from mrjax.model.pretrained import Model, param_shardings
 
-    def load(name, mesh=None, dtype="float32", param_dtype="float32", remat=False, seed=0, progress=True):
+    def load(name, mesh=None, dtype="float32", param_dtype="float32", remat=False, seed=0, progress=True,
+             remat_policy="full"):
         model, tok = tiny
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), jax.device_get(model.params),
                               param_shardings(model.config, mesh))
-        return Model(model.config, params, mesh, dtype, remat), tok
+        return Model(model.config, params, mesh, dtype, remat, remat_policy), tok
 
     return load
 
