@@ -59,6 +59,9 @@ SAMPLING_BLOCK = 256
 MIN_PROMPT_BUCKET = 16
 # Generated-token buffers and the cache are sized to max_new_tokens rounded up to this.
 NEW_TOKENS_ROUNDING = 32
+# Decode steps per segment: each segment's loop attends over only the cache slots filled by
+# its end (long generations stop paying for empty slots); every segment is one more loop to compile.
+DECODE_SEGMENT = 128
 
 # Logical axes of one layer's decode-layout cache (see _decode_step).
 DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "seq")
@@ -449,16 +452,24 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         new_capacity: int,
     ):
         B = row_prompt.shape[0]
-        S = prompt_mask.shape[1] + new_capacity
+        P = prompt_mask.shape[1]
+        S = P + new_capacity
+        # Steps run in segments; segment j's cache holds the prompt and the slots generated up to
+        # its end, so early steps of a long generation do not attend over empty slots.
+        ends = list(range(DECODE_SEGMENT, new_capacity, DECODE_SEGMENT)) + [new_capacity]
+
+        def grow(caches, extra):
+            return [
+                (_constrain(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, extra))), mesh, DECODE_K_AXES),
+                 _constrain(jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0))), mesh, DECODE_V_AXES))
+                for k, v in caches
+            ]
 
         # Each row's cache in decode layout: its prompt's keys in slots [0, P), generated ones after.
         row_k = jnp.take(prompt_cache.k, row_prompt, axis=1)
         row_v = jnp.take(prompt_cache.v, row_prompt, axis=1)
-        caches = []
-        for i in range(config.num_layers):
-            k = jnp.pad(row_k[i].transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, new_capacity)))
-            v = jnp.pad(row_v[i].transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, new_capacity), (0, 0)))
-            caches.append((_constrain(k, mesh, DECODE_K_AXES), _constrain(v, mesh, DECODE_V_AXES)))
+        caches = grow([(row_k[i].transpose(0, 2, 3, 1), row_v[i].transpose(0, 2, 1, 3)) for i in range(config.num_layers)],
+                      ends[0])
         slot_ids = jnp.arange(S, dtype=jnp.int32)
         prompt_allowed = jnp.pad(jnp.take(prompt_mask, row_prompt, axis=0), ((0, 0), (0, new_capacity)))
         # Prompt slots by the prompt mask; generated slots (from gen_start on) once written.
@@ -482,11 +493,19 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         done = stopped | ~row_active
         lengths = row_active.astype(jnp.int32)
 
-        def cond(state):
-            step, _, done, *_ = state
-            return (step < max_new) & ~jnp.all(done)
+        def segment(state, end):
+            size = P + end  # cache slots in this segment
 
-        def body(state):
+            def cond(state):
+                step, _, done, *_ = state
+                return (step < jnp.minimum(max_new, end)) & ~jnp.all(done)
+
+            def body(state):
+                return decode_one(state, slot_allowed[:, :size], slot_ids[:size])
+
+            return jax.lax.while_loop(cond, body, state)
+
+        def decode_one(state, slot_allowed, slot_ids):
             step, token, done, stopped, lengths, out_tokens, out_logprobs, caches = state
             slot = gen_start + step - 1  # where the previous token's keys and values go
             allowed = slot_allowed & (slot_ids <= slot)[None]
@@ -502,7 +521,11 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             return (step + 1, new_token, done | hit_stop, stopped | hit_stop, lengths, out_tokens, out_logprobs, caches)
 
         state = (jnp.int32(1), token, done, stopped, lengths, out_tokens, out_logprobs, caches)
-        _, _, _, stopped, lengths, out_tokens, out_logprobs, _ = jax.lax.while_loop(cond, body, state)
+        for j, end in enumerate(ends):
+            if j:
+                state = state[:-1] + (grow(state[-1], end - ends[j - 1]),)
+            state = segment(state, end)
+        _, _, _, stopped, lengths, out_tokens, out_logprobs, _ = state
         return out_tokens, out_logprobs, lengths, stopped
 
     return Programs(

@@ -119,6 +119,37 @@ def test_greedy_matches_transformers_on_an_8_device_mesh(smol, greedy_reference)
         check_against_reference(alone, [greedy_reference[i]], [0])
 
 
+@pytest.fixture
+def short_segments(monkeypatch):
+    """Decode in segments of 16 steps (each attending over a longer cache) instead of one loop."""
+    import mrjax.sampling as sampling
+
+    sampling._programs.cache_clear()
+    monkeypatch.setattr(sampling, "DECODE_SEGMENT", 16)
+    yield
+    sampling._programs.cache_clear()
+
+
+def test_segmented_decode_matches_transformers_and_one_loop(smol, greedy_reference, greedy_batched, tiny,
+                                                             short_segments):
+    model, tok = smol
+    out = generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)  # 64 new tokens: 4 segments
+    check_against_reference(out, greedy_reference, range(len(GREEDY_PROMPTS)))
+    for got, want in zip(out.logprobs, greedy_batched.logprobs):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    # Sampling with stops mid-way: the same tokens as one loop (the seed fixes them per step).
+    tiny_model, _ = tiny
+    config = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, n=2, seed=5)
+    prompts = ["Tell me a story.", "Why?"]
+    segmented = generate(tiny_model, tok, prompts, config, progress=False)
+    import mrjax.sampling as sampling
+
+    sampling._programs.cache_clear()
+    sampling.DECODE_SEGMENT = 1024
+    one_loop = generate(tiny_model, tok, prompts, config, progress=False)
+    assert segmented.token_ids == one_loop.token_ids and segmented.finish_reasons == one_loop.finish_reasons
+
+
 def test_logprobs_are_the_unmodified_model_distribution(smol, greedy_batched):
     """Per-token log-probs equal a teacher-forced forward pass (float64 log-softmax), also when
     sampling with temperature and top-p: they are log p(token) at temperature 1, untruncated."""
