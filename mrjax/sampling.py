@@ -468,8 +468,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         # Each row's cache in decode layout: its prompt's keys in slots [0, P), generated ones after.
         row_k = jnp.take(prompt_cache.k, row_prompt, axis=1)
         row_v = jnp.take(prompt_cache.v, row_prompt, axis=1)
-        caches = grow([(row_k[i].transpose(0, 2, 3, 1), row_v[i].transpose(0, 2, 1, 3)) for i in range(config.num_layers)],
-                      ends[0])
+        caches = [(row_k[i].transpose(0, 2, 3, 1), row_v[i].transpose(0, 2, 1, 3)) for i in range(config.num_layers)]
         slot_ids = jnp.arange(S, dtype=jnp.int32)
         prompt_allowed = jnp.pad(jnp.take(prompt_mask, row_prompt, axis=0), ((0, 0), (0, new_capacity)))
         # Prompt slots by the prompt mask; generated slots (from gen_start on) once written.
@@ -495,15 +494,13 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
 
         def segment(state, end):
             size = P + end  # cache slots in this segment
+            segment_allowed, segment_ids = slot_allowed[:, :size], slot_ids[:size]
 
             def cond(state):
                 step, _, done, *_ = state
                 return (step < jnp.minimum(max_new, end)) & ~jnp.all(done)
 
-            def body(state):
-                return decode_one(state, slot_allowed[:, :size], slot_ids[:size])
-
-            return jax.lax.while_loop(cond, body, state)
+            return jax.lax.while_loop(cond, lambda state: decode_one(state, segment_allowed, segment_ids), state)
 
         def decode_one(state, slot_allowed, slot_ids):
             step, token, done, stopped, lengths, out_tokens, out_logprobs, caches = state
@@ -521,10 +518,10 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             return (step + 1, new_token, done | hit_stop, stopped | hit_stop, lengths, out_tokens, out_logprobs, caches)
 
         state = (jnp.int32(1), token, done, stopped, lengths, out_tokens, out_logprobs, caches)
-        for j, end in enumerate(ends):
-            if j:
-                state = state[:-1] + (grow(state[-1], end - ends[j - 1]),)
-            state = segment(state, end)
+        start = 0
+        for end in ends:  # each segment widens the cache by the slots it will fill
+            state = segment(state[:-1] + (grow(state[-1], end - start),), end)
+            start = end
         _, _, _, stopped, lengths, out_tokens, out_logprobs, _ = state
         return out_tokens, out_logprobs, lengths, stopped
 
