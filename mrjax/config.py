@@ -26,6 +26,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 REMAT_POLICIES = ("full", "dots")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ class DPOSettings:
 
     def __post_init__(self):
         _check(self.beta > 0, "dpo.beta", f"must be positive, got {self.beta}")
-        _check(self.loss_type in ("sigmoid", "ipo", "hinge"), "dpo.loss_type",
+        _check(self.loss_type in LOSS_TYPES, "dpo.loss_type",
                f"must be sigmoid, ipo or hinge, got {self.loss_type!r}")
         _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 

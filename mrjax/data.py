@@ -317,13 +317,16 @@ class Batcher:
             seed, pad_id, max_length, shuffle, min_bucket
         )
         self.steps_per_epoch = -(-len(examples) // batch_size)
+        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), made once per epoch
 
     def position(self, step: int) -> DataPosition:
         return DataPosition(step // self.steps_per_epoch, step % self.steps_per_epoch)
 
     def indices(self, step: int) -> np.ndarray:
         pos = self.position(step)
-        order = epoch_order(len(self.examples), self.seed, pos.epoch, self.shuffle)
+        if self._epoch_order is None or self._epoch_order[0] != pos.epoch:
+            self._epoch_order = (pos.epoch, epoch_order(len(self.examples), self.seed, pos.epoch, self.shuffle))
+        order = self._epoch_order[1]
         return order[pos.batch * self.batch_size: (pos.batch + 1) * self.batch_size]
 
     def batch(self, step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -105,6 +105,11 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways the ``batch`` logical axis splits (the data x fsdp mesh axes)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 

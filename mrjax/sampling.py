@@ -43,10 +43,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mrjax import mesh as mesh_lib
-from mrjax.model.llama import KVCache, LlamaConfig, rope_frequencies
+from mrjax.model.llama import KV_CACHE_AXES, KVCache, LlamaConfig, rope_frequencies, unembedding
+from mrjax.tokenizer import Prompt
 
-Message = dict[str, str]
-Prompt = str | Sequence[Message]
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -345,7 +344,7 @@ def decode_weights(params: dict, config: LlamaConfig, dtype, mesh: Mesh | None) 
         w["attn_norm"] = lp["attn_norm"]["scale"][i]
         w["mlp_norm"] = lp["mlp_norm"]["scale"][i]
         layers.append({name: _constrain(x, mesh, _DECODE_WEIGHT_AXES[name]) for name, x in w.items()})
-    unembed = params["embedding"] if c.tie_word_embeddings else params["lm_head"].T
+    unembed = unembedding(params, c).T
     return {
         "layers": layers,
         "embedding": params["embedding"],
@@ -354,7 +353,7 @@ def decode_weights(params: dict, config: LlamaConfig, dtype, mesh: Mesh | None) 
     }
 
 
-def _logits(weights, config: LlamaConfig, x):
+def _logits(weights, x):
     """Final-norm hidden states, feature-major [E, B] -> float32 logits [B, V]."""
     # The barrier keeps XLA from folding the transpose into the product, which would turn it
     # back into the [B, E] x [E, V] orientation that runs at about half the speed on CPU.
@@ -396,7 +395,7 @@ def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, 
         hidden = _rms_norm_t(x, w["mlp_norm"], c.rms_norm_eps)
         x = x + _matmul(w["down"], jax.nn.silu(_matmul(w["gate"], hidden)) * _matmul(w["up"], hidden))
     x = _rms_norm_t(x, weights["final_norm"], c.rms_norm_eps)
-    return _logits(weights, c, x), new_caches
+    return _logits(weights, x), new_caches
 
 
 # --------------------------------------------------------------------------- jitted programs
@@ -416,7 +415,6 @@ class Programs(NamedTuple):
 def _programs(module, mesh: Mesh, dtype) -> Programs:
     """The jitted programs for one (module, mesh, dtype); cached so compilations are shared."""
     config: LlamaConfig = module.config
-    cache_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
 
     def prepare(params):
         return decode_weights(params, config, dtype, mesh)
@@ -424,7 +422,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
     def prefill(params, tokens, positions, mask):
         # tokens [Bp, P] (P: the prefill bucket); mask [Bp, Pc] (Pc >= P: the cache bucket)
         B, cache_len = mask.shape
-        cache = KVCache(*(_constrain(t, mesh, cache_axes) for t in KVCache.zeros(config, B, cache_len, dtype)))
+        cache = KVCache(*(_constrain(t, mesh, KV_CACHE_AXES) for t in KVCache.zeros(config, B, cache_len, dtype)))
         hidden, cache = module.apply({"params": params}, tokens, positions, mask, cache, jnp.int32(0), return_hidden=True)
         return hidden[:, -1], cache
 
@@ -485,7 +483,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             return token, logprob
 
         hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
-        token, logprob = pick(_logits(weights, config, hidden), jnp.int32(0))
+        token, logprob = pick(_logits(weights, hidden), jnp.int32(0))
         out_tokens = jnp.zeros((B, new_capacity), jnp.int32).at[:, 0].set(token)
         out_logprobs = jnp.zeros((B, new_capacity), jnp.float32).at[:, 0].set(logprob)
         stopped = jnp.isin(token, stop_ids) & row_active
@@ -567,18 +565,12 @@ def _row_bucket(rows: int, ways: int) -> int:
     return max(ways, -(-size // ways) * ways)
 
 
-def _batch_ways(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def _progress_bar(total: int, enabled: bool | None):
     show = enabled if enabled is not None else sys.stderr.isatty()
     if not show or total <= 1:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc="generate", unit="batch", leave=False)
 
 
@@ -661,11 +653,10 @@ def generate_ids(
             raise SamplingError(f"stop id {t} is outside the vocabulary of {c.vocab_size}")
 
     mesh: Mesh = model.mesh
-    ways = _batch_ways(mesh)
+    ways = mesh_lib.batch_ways(mesh)
     programs = programs_for(model)
     candidates = _needs_candidates(config, c.vocab_size)
     new_capacity = -(-config.max_new_tokens // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING
-    batch_rows = mesh_lib.named_sharding(mesh, ("batch",))
 
     # Rows (prompt, sample), shortest prompts first so each batch pads to a tight bucket.
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
@@ -716,14 +707,15 @@ def generate_ids(
                 prompt_index[r], sample_index[r] = p, s
 
             put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
-            last_hidden, cache = programs.prefill(model.params, put(tokens), put(positions), put(mask))
+            mask = put(mask)
+            last_hidden, cache = programs.prefill(model.params, put(tokens), put(positions), mask)
             out_tokens, out_logprobs, lengths, stopped = programs.decode(
                 weights,
                 last_hidden,
                 cache,
-                put(mask),
+                mask,
                 jnp.int32(P),
-                *(jax.device_put(a, batch_rows) for a in (row_prompt, row_active, prompt_len, prompt_index, sample_index)),
+                *(put(a) for a in (row_prompt, row_active, prompt_len, prompt_index, sample_index)),
                 **scalars,
                 greedy=config.greedy,
                 candidates=candidates,

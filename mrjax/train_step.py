@@ -34,10 +34,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mrjax.config import LOSS_TYPES
 from mrjax.mesh import named_sharding
 from mrjax.model.llama import KVCache, unembedding
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 DPO_METRICS = (
     "loss",
     "rewards/chosen",
@@ -97,18 +97,16 @@ def dpo_loss(
     pc, pr, rc, rr = (jnp.asarray(x, jnp.float32) for x in (policy_chosen_logps, policy_rejected_logps,
                                                             ref_chosen_logps, ref_rejected_logps))
     losses = dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    chosen_rewards = beta * (pc - rc)
-    rejected_rewards = beta * (pr - rr)
-    metrics = {
-        "loss": jnp.mean(losses),
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": jnp.mean(pc),
-        "logps/rejected": jnp.mean(pr),
-    }
+    per_pair = dpo_pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr)
+    metrics = {name: jnp.mean(value) for name, value in per_pair.items()}
     return metrics["loss"], metrics
+
+
+def dpo_pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, jax.Array]:
+    """The ``DPO_METRICS``, per pair [B] (callers take the mean or a weighted sum)."""
+    values = (losses, chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).astype(jnp.float32),
+              chosen_rewards - rejected_rewards, chosen_logps, rejected_logps)
+    return dict(zip(DPO_METRICS, values))
 
 
 # ---------------------------------------------------------------- log-probs
@@ -313,10 +311,10 @@ def _accumulate(micro_fn: Callable, params: dict, batch: dict, denom: jax.Array)
         (_, a), g = grad_fn(params, mb, denom)
         return (_tree_add(grads, g), _tree_add(aux, a)), None
 
-    first = jax.tree.map(lambda x: x[0], batch)
-    rest = jax.tree.map(lambda x: x[1:], batch)
-    (_, aux0), grads0 = grad_fn(params, first, denom)
-    (grads, aux), _ = jax.lax.scan(body, (grads0, aux0), rest)
+    # Start from zeros (shapes only) so the forward and backward are traced once, in the scan.
+    (_, aux_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch), denom)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, aux_shape))
+    (grads, aux), _ = jax.lax.scan(body, zeros, batch)
     return grads, aux
 
 
@@ -341,25 +339,14 @@ def dpo_pair_terms(sums, counts, ref_sums, dpo: Any):
     return losses, chosen_rewards, rejected_rewards
 
 
-def _dpo_weighted_sums(losses, chosen_rewards, rejected_rewards, sums, weights):
-    return {
-        "loss": jnp.sum(weights * losses),
-        "rewards/chosen": jnp.sum(weights * chosen_rewards),
-        "rewards/rejected": jnp.sum(weights * rejected_rewards),
-        "rewards/accuracies": jnp.sum(weights * (chosen_rewards > rejected_rewards)),
-        "rewards/margins": jnp.sum(weights * (chosen_rewards - rejected_rewards)),
-        "logps/chosen": jnp.sum(weights * sums[:, 0]),
-        "logps/rejected": jnp.sum(weights * sums[:, 1]),
-    }
-
-
 def dpo_objective(module: Any, dpo: Any, max_logits_mb: int) -> Callable:
     """(params, micro-batch, number of real pairs in the step) -> (loss share, metric sums)."""
 
     def micro(params, mb, denom):
         sums, counts = sequence_logps(module, params, mb, 2, dpo.share_prompt, max_logits_mb)
         losses, cr, rr = dpo_pair_terms(sums, counts, mb["ref_logps"], dpo)
-        aux = _dpo_weighted_sums(losses, cr, rr, sums, mb["weights"])
+        per_pair = dpo_pair_metrics(losses, cr, rr, sums[:, 0], sums[:, 1])
+        aux = {name: jnp.sum(mb["weights"] * value) for name, value in per_pair.items()}
         return aux["loss"] / denom, aux
 
     return micro

@@ -31,6 +31,7 @@ from mrjax import train_step as ts
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import Config, ConfigError, to_dict
 from mrjax.data import Batcher, Examples, load_examples, sequential_batches
+from mrjax.mesh import batch_ways
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Trainer:
         self.progress, self.callbacks = progress, list(callbacks)
         self.mesh = model.mesh
         self.micro_batch = config.train.batch_size // config.train.grad_accum
-        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        ways = batch_ways(self.mesh)
         if self.micro_batch % ways:
             log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
                         self.micro_batch, ways)
@@ -143,15 +144,8 @@ class Trainer:
             raise ValueError("evaluate: DPO examples need reference log-probs (Trainer.attach_reference)")
         losses, cr, rr = ts.dpo_pair_terms(jnp.asarray(sums), jnp.asarray(counts), jnp.asarray(examples.ref_logps),
                                            self.dpo)
-        return ts.numpy_metrics({
-            "loss": jnp.mean(losses),
-            "rewards/chosen": jnp.mean(cr),
-            "rewards/rejected": jnp.mean(rr),
-            "rewards/accuracies": jnp.mean((cr > rr).astype(jnp.float32)),
-            "rewards/margins": jnp.mean(cr - rr),
-            "logps/chosen": jnp.mean(sums[:, 0]),
-            "logps/rejected": jnp.mean(sums[:, 1]),
-        })
+        per_pair = ts.dpo_pair_metrics(losses, cr, rr, sums[:, 0], sums[:, 1])
+        return ts.numpy_metrics({name: jnp.mean(value) for name, value in per_pair.items()})
 
     # ------------------------------------------------------------ training
 
@@ -242,9 +236,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
 
-        trained = type(self.model)(self.model.config, state.params, self.mesh, self.model.dtype,
-                                   self.model.module.remat, self.model.module.remat_policy)
-        return TrainResult(trained, total, last_metrics, eval_metrics, self.run_dir)
+        return TrainResult(self.model.with_params(state.params), total, last_metrics, eval_metrics, self.run_dir)
 
     def _release_model(self) -> None:
         for x in jax.tree.leaves(self.model.params):

@@ -9,7 +9,7 @@ import pytest
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import load_config
 from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch, read_rows,
-                        tokenize_rows)
+                        tokenize_rows, write_jsonl)
 from mrjax.trainer import Trainer, TrainingError
 
 
@@ -18,11 +18,6 @@ def tiny():
     from train_helpers import tiny_model
 
     return tiny_model()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # ---------------------------------------------------------------- files and batches

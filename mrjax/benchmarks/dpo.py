@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> dict:
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    remat = getattr(args, "remat", "none")
+    remat = args.remat
     model, tokenizer = load_pretrained(args.model, mesh=mesh, progress=False, remat=remat != "none",
                                        remat_policy="full" if remat == "none" else remat)
     return compare(model, tokenizer, args)
@@ -419,7 +419,7 @@ def compare(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
         "prompt_tokens": args.prompt_tokens,
         "completion_tokens": args.completion_tokens,
         "share_prompt": not args.no_share_prompt,
-        "remat": getattr(args, "remat", "none"),
+        "remat": args.remat,
         "step_s": round(step_s, 3),
         "reference_step_s": round(reference_step_s, 3),
         "ratio": round(reference_step_s / step_s, 3),

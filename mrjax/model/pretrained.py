@@ -49,6 +49,10 @@ class Model:
         self.module = Llama(config, dtype=self.dtype, param_dtype=_leaf_dtype(params), remat=remat, mesh=mesh,
                             remat_policy=remat_policy)
 
+    def with_params(self, params: dict) -> "Model":
+        """This model (config, mesh, compute dtype, remat) with other parameters."""
+        return type(self)(self.config, params, self.mesh, self.dtype, self.module.remat, self.module.remat_policy)
+
     @functools.cached_property
     def param_axes(self) -> dict:
         return param_logical_axes(self.config)
@@ -83,7 +87,7 @@ class Model:
         too_big = int(jnp.max(input_ids)) if input_ids.size else 0
         if too_big >= self.config.vocab_size or (input_ids.size and int(jnp.min(input_ids)) < 0):
             raise ValueError(f"token id {too_big} is outside the model's vocabulary of {self.config.vocab_size}")
-        sharding = self.batch_sharding() if input_ids.shape[0] % _batch_ways(self.mesh) == 0 else None
+        sharding = self.batch_sharding() if input_ids.shape[0] % mesh_lib.batch_ways(self.mesh) == 0 else None
         if sharding is not None:
             input_ids = jax.device_put(input_ids, sharding)
             attention_mask = jax.device_put(attention_mask, sharding)
@@ -96,10 +100,6 @@ class Model:
 
 def _leaf_dtype(params: dict) -> Any:
     return jax.tree.leaves(params)[0].dtype
-
-
-def _batch_ways(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def _abstract_boxed(config: LlamaConfig) -> Any:
