@@ -17,6 +17,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from mrjax import faults
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        # A save killed midway leaves only orbax's temporary folder, removed on the next start.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -35,6 +39,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        faults.kill_when_present(f"checkpoint:{step}", self.directory, "*tmp*")
         self.manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),

@@ -27,6 +27,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 REMAT_POLICIES = ("full", "dots")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+MODES = ("meta_rewarding", "self_rewarding", "dpo", "sft")
+JUDGE_SCORES = ("parse", "expected")
+PROMPT_SOURCES = ("seed", "jsonl", "self_instruct", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ class DPOSettings:
 
 @dataclasses.dataclass(frozen=True)
 class IterationSettings:
-    """One Meta-Rewarding iteration (SPEC steps 1-5)."""
+    """The Meta-Rewarding iterations (SPEC steps 1-7)."""
 
     iterations: int = 4
     prompts_per_iteration: int = 5000
@@ -130,17 +133,134 @@ class IterationSettings:
     judgments_per_response: int = 11  # N
     actor_temperature: float = 0.8
     actor_top_p: float = 0.95
+    actor_max_new_tokens: int = 512
     judge_temperature: float = 0.8
     judge_top_p: float = 0.95
-    rho: tuple[float, ...] = (0.0, 0.32, 0.32, 0.4)  # per iteration (uncertain)
-    max_chosen_chars: tuple[int, ...] = (2500, 0, 0, 0)  # per iteration, 0 = off (uncertain)
+    judge_max_new_tokens: int = 256
+    meta_judge_temperature: float = 0.8
+    meta_judge_top_p: float = 0.95
+    meta_judge_max_new_tokens: int = 384
+    # Per iteration; an iteration past the end of a list uses its last value.
+    rho: tuple[float, ...] = (0.0, 0.32, 0.32, 0.4)  # length control (uncertain)
+    max_chosen_chars: tuple[int, ...] = (2500, 0, 0, 0)  # 0 = off (uncertain)
     judge_training_iterations: tuple[int, ...] = (1, 2)
-    max_judgment_chars: tuple[int, ...] = (1100, 1000)  # per judge-training iteration (uncertain)
-    expected_score: bool = False  # probability-weighted judge score instead of parsing (beyond the paper)
+    max_judgment_chars: tuple[int, ...] = (1100, 1000)  # per judge-training iteration, 0 = off (uncertain)
+    # How a judgment becomes a score: "parse" reads the last "Score: X" (the papers); "expected"
+    # is the probability-weighted mean over "0".."5" after the judgment (never unparseable).
+    judge_score: str = "parse"
+    # How a meta-judgment becomes a verdict: "parse" reads "Winner: Judgement A|B"; "expected"
+    # compares log p(A) - log p(B) after "Winner: Judgement" with its median over the iteration's
+    # calls (calibrated, so a constant position preference does not decide every verdict).
+    meta_judge_verdict: str = "parse"
+    drop_empty_responses: bool = True  # whitespace-only responses are dropped (counted) like duplicates
+    shard_size: int = 64  # prompts (actor), responses (judge), selected responses (meta-judge) per shard
+
+    def __post_init__(self):
+        for name in ("iterations", "prompts_per_iteration", "responses_per_prompt", "judgments_per_response",
+                     "actor_max_new_tokens", "judge_max_new_tokens", "meta_judge_max_new_tokens", "shard_size"):
+            _check(getattr(self, name) >= 1, f"iteration.{name}", f"must be at least 1, got {getattr(self, name)}")
+        _check(self.responses_per_prompt >= 2, "iteration.responses_per_prompt",
+               f"must be at least 2 (a pair needs two responses), got {self.responses_per_prompt}")
+        for name in ("actor_temperature", "judge_temperature", "meta_judge_temperature"):
+            _check(getattr(self, name) >= 0, f"iteration.{name}", f"must not be negative, got {getattr(self, name)}")
+        for name in ("actor_top_p", "judge_top_p", "meta_judge_top_p"):
+            _check(0 < getattr(self, name) <= 1, f"iteration.{name}", f"must be in (0, 1], got {getattr(self, name)}")
+        _check(self.judge_score in JUDGE_SCORES, "iteration.judge_score",
+               f"must be one of {', '.join(JUDGE_SCORES)}, got {self.judge_score!r}")
+        _check(self.meta_judge_verdict in JUDGE_SCORES, "iteration.meta_judge_verdict",
+               f"must be one of {', '.join(JUDGE_SCORES)}, got {self.meta_judge_verdict!r}")
+        for name in ("rho", "max_chosen_chars", "max_judgment_chars"):
+            _check(len(getattr(self, name)) >= 1, f"iteration.{name}", "needs at least one value")
+        for i, r in enumerate(self.rho):
+            _check(0 <= r <= 1, f"iteration.rho[{i}]", f"must be in [0, 1], got {r}")
+        for name in ("max_chosen_chars", "max_judgment_chars"):
+            for i, v in enumerate(getattr(self, name)):
+                _check(v >= 0, f"iteration.{name}[{i}]", f"must not be negative (0 = off), got {v}")
+        bad = [t for t in self.judge_training_iterations if not 1 <= t <= self.iterations]
+        _check(not bad, "iteration.judge_training_iterations",
+               f"names iteration {bad[0] if bad else ''} but the run has iterations 1..{self.iterations}")
+        _check(len(set(self.judge_training_iterations)) == len(self.judge_training_iterations),
+               "iteration.judge_training_iterations", "lists an iteration twice")
+
+    def per_iteration(self, name: str, t: int):
+        """The value of a per-iteration list for iteration t (1-based); the last value repeats."""
+        values = getattr(self, name)
+        return values[min(t, len(values)) - 1]
+
+    def judgment_chars_limit(self, t: int) -> int:
+        """max_judgment_chars for judge-training iteration t (indexed by its place in the list)."""
+        place = sorted(self.judge_training_iterations).index(t) + 1
+        return self.per_iteration("max_judgment_chars", place)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """Where the iterations' prompts come from (SPEC step 1)."""
+
+    # seed: the built-in pool shipped in the package; jsonl: a file of {"prompt"} or {"messages"};
+    # self_instruct: the model writes new prompts from 8 examples of the seed pool (or `path`);
+    # tfds: a TensorFlow Datasets dataset by name (the tfds extra).
+    source: str = "seed"
+    path: str = ""  # the JSONL file (source jsonl; optional example pool for self_instruct)
+    tfds_name: str = ""
+    tfds_split: str = "train"
+    tfds_field: str = "prompt"
+    held_out: int = 16  # prompts kept out of training (written to prompts/held_out.jsonl) for evaluation
+    shuffle: bool = True  # seeded shuffle of the pool before it is split into held-out and iterations
+    min_chars: int = 10  # self-instruct sanity filter: length in characters ...
+    max_chars: int = 600
+    min_letter_fraction: float = 0.6  # ... and the share of ASCII letters and spaces (language sanity)
+    self_instruct_temperature: float = 0.6
+    self_instruct_top_p: float = 0.9
+    self_instruct_max_new_tokens: int = 96
+    self_instruct_attempts: float = 3.0  # generation calls per prompt needed, at most, before giving up
+
+    def __post_init__(self):
+        _check(self.source in PROMPT_SOURCES, "prompts.source",
+               f"must be one of {', '.join(PROMPT_SOURCES)}, got {self.source!r}")
+        _check(self.source != "jsonl" or bool(self.path), "prompts.path", "must name a JSONL file when source is jsonl")
+        _check(self.source != "tfds" or bool(self.tfds_name), "prompts.tfds_name",
+               "must name a dataset when source is tfds")
+        _check(self.held_out >= 0, "prompts.held_out", f"must not be negative, got {self.held_out}")
+        _check(1 <= self.min_chars <= self.max_chars, "prompts.min_chars",
+               f"must be between 1 and prompts.max_chars ({self.max_chars}), got {self.min_chars}")
+        _check(0 <= self.min_letter_fraction <= 1, "prompts.min_letter_fraction", "must be in [0, 1]")
+        _check(self.self_instruct_attempts >= 1, "prompts.self_instruct_attempts", "must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EFTSettings:
+    """Evaluation fine-tuning before iteration 1: SFT on judge-format (and meta-judge-format) rows."""
+
+    enabled: bool = True
+    judge_rows: str = "mrjax/data/eft_judge_rows.jsonl"  # {"question","response","justification","score"}
+    meta_judge_rows: str = "mrjax/data/eft_meta_judge_rows.jsonl"  # {..., "judgment_a","judgment_b","explanation","winner"}; "" = none
+    eval_judge_rows: str = "mrjax/data/eft_judge_eval_rows.jsonl"  # held out: parse rates before/after
+    eval_meta_judge_rows: str = "mrjax/data/eft_meta_judge_eval_rows.jsonl"
+    max_judge_rows: int = 0  # 0 = all rows of the file
+    max_meta_judge_rows: int = 0
+    eval_rows: int = 16  # held-out rows per role whose generated judgments are parsed before and after EFT
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+    max_length: int = 1024
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"
+
+    def __post_init__(self):
+        _check(bool(self.judge_rows) or not self.enabled, "eft.judge_rows", "must name a file when EFT is enabled")
+        for name in ("max_judge_rows", "max_meta_judge_rows", "eval_rows", "max_steps"):
+            _check(getattr(self, name) >= 0, f"eft.{name}", f"must not be negative, got {getattr(self, name)}")
+        for name in ("batch_size", "epochs", "max_length"):
+            _check(getattr(self, name) >= 1, f"eft.{name}", f"must be at least 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    # meta_rewarding: EFT + the iterations (the main job); self_rewarding: the same loop without the
+    # meta-judge (actor pairs at rho = 0, ties discarded); dpo / sft: train once on train.pairs.
+    mode: str = "meta_rewarding"
     run_dir: str = "runs/default"
     seed: int = 0
     model: ModelSettings = ModelSettings()
@@ -149,6 +269,11 @@ class Config:
     train: TrainSettings = TrainSettings()
     dpo: DPOSettings = DPOSettings()
     iteration: IterationSettings = IterationSettings()
+    prompts: PromptSettings = PromptSettings()
+    eft: EFTSettings = EFTSettings()
+
+    def __post_init__(self):
+        _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -241,9 +366,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "DPOSettings",
+    "EFTSettings",
     "IterationSettings",
     "MeshSettings",
     "ModelSettings",
+    "PromptSettings",
     "SamplingSettings",
     "TrainSettings",
     "from_dict",

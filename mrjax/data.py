@@ -54,16 +54,53 @@ def file_fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write rows atomically (temp file + rename), so a reader never sees half a file."""
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a file atomically and durably (temp file, fsync, rename, fsync of the folder), so a
+    reader never sees half a file and a file that exists survives a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write rows atomically and durably (see ``write_text``)."""
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_jsonl(path: str | Path, what: str = "JSONL") -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line; a missing file, bad JSON or a non-object
+    line is an error naming the file and line."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{_where(path, number)}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(raw, dict):
+                raise DataError(f"{_where(path, number)}: expected a JSON object, got {type(raw).__name__}")
+            rows.append((number, raw))
+    return rows
 
 
 def _where(path: Path, line: int) -> str:
@@ -133,6 +170,148 @@ def read_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty)")
     return rows
+
+
+# ---------------------------------------------------------------- prompt sources
+
+SEED_PROMPTS = PACKAGE_DIR / "data" / "seed_prompts.jsonl"
+
+
+def prompt_question(prompt: Any) -> str:
+    """The user's question of a prompt, as the judge sees it: the string itself, or the last
+    user message of a chat (earlier turns are not shown to the judge)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def normalized(text: str) -> str:
+    """Case- and whitespace-insensitive form used to deduplicate prompts."""
+    return " ".join(str(text).lower().split())
+
+
+def read_prompts(path: str | Path) -> list[Any]:
+    """Prompts of a JSONL file: ``{"prompt": str}`` or ``{"messages": [{"role","content"}, ...]}``."""
+    prompts = []
+    path = resolve_path(path)
+    for number, raw in read_jsonl(path, "prompt"):
+        where = _where(path, number)
+        if "prompt" in raw:
+            prompts.append(_check_prompt(raw["prompt"], where))
+        elif "messages" in raw:
+            messages = _check_prompt(raw["messages"], where)
+            if not isinstance(messages, list):
+                raise DataError(f"{where}: 'messages' must be a list of chat messages")
+            if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+                raise DataError(f"{where}: 'messages' has no non-empty user message")
+            prompts.append(messages)
+        else:
+            raise DataError(f"{where}: a prompt row needs a 'prompt' string or a 'messages' list")
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+def tfds_prompts(name: str, split: str, field: str) -> list[str]:
+    """Prompts from a TensorFlow Datasets dataset (the ``tfds`` extra)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            f"prompts.source=tfds ({name!r}) needs tensorflow-datasets: pip install 'mrjax[tfds]'"
+        ) from None
+    try:
+        dataset = tfds.load(name, split=split)
+    except Exception as err:  # tfds raises many kinds (not found, not prepared, no network)
+        raise DataError(f"tfds dataset {name!r} split {split!r} could not be loaded: {err}") from None
+    prompts = []
+    for i, example in enumerate(tfds.as_numpy(dataset)):
+        if field not in example:
+            raise DataError(f"tfds dataset {name!r}: example {i} has no field {field!r} "
+                            f"(fields: {', '.join(sorted(example))}); set prompts.tfds_field")
+        value = example[field]
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        if text.strip():
+            prompts.append(text)
+    if not prompts:
+        raise DataError(f"tfds dataset {name!r} split {split!r} has no non-empty {field!r}")
+    return prompts
+
+
+def dedupe_prompts(prompts: Sequence[Any], against: Iterable[Any] = ()) -> list[Any]:
+    """Prompts in order with repeats (ignoring case and whitespace) and those in ``against`` removed."""
+    seen = {normalized(prompt_question(p)) for p in against}
+    out = []
+    for p in prompts:
+        key = normalized(prompt_question(p)) if not isinstance(p, list) else json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------- EFT rows
+
+JUDGE_ROW_FIELDS = ("question", "response", "justification", "score")
+META_JUDGE_ROW_FIELDS = ("question", "response", "judgment_a", "judgment_b", "explanation", "winner")
+
+
+def read_judge_rows(path: str | Path) -> list[dict]:
+    """Judge-format EFT rows: question, response, a justification and an integer score 0..5."""
+    path = resolve_path(path)
+    rows = []
+    for number, raw in read_jsonl(path, "EFT judge"):
+        where = _where(path, number)
+        for field in JUDGE_ROW_FIELDS:
+            if field not in raw:
+                raise DataError(f"{where}: missing field '{field}' (a judge row needs {', '.join(JUDGE_ROW_FIELDS)})")
+        for field in JUDGE_ROW_FIELDS[:3]:
+            if not isinstance(raw[field], str) or not raw[field].strip():
+                raise DataError(f"{where}: '{field}' must be a non-empty string")
+        score = raw["score"]
+        if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 5:
+            raise DataError(f"{where}: 'score' must be an integer 0..5, got {score!r}")
+        rows.append({k: raw[k] for k in JUDGE_ROW_FIELDS})
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def read_meta_judge_rows(path: str | Path) -> list[dict]:
+    """Meta-judge-format EFT rows: two judgments of a response, an explanation and the winner A|B."""
+    path = resolve_path(path)
+    rows = []
+    for number, raw in read_jsonl(path, "EFT meta-judge"):
+        where = _where(path, number)
+        for field in META_JUDGE_ROW_FIELDS:
+            if field not in raw:
+                raise DataError(
+                    f"{where}: missing field '{field}' (a meta-judge row needs {', '.join(META_JUDGE_ROW_FIELDS)})")
+            if not isinstance(raw[field], str) or not raw[field].strip():
+                raise DataError(f"{where}: '{field}' must be a non-empty string")
+        if raw["winner"] not in ("A", "B"):
+            raise DataError(f"{where}: 'winner' must be \"A\" or \"B\", got {raw['winner']!r}")
+        rows.append({k: raw[k] for k in META_JUDGE_ROW_FIELDS})
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def judge_sft_row(row: dict) -> dict:
+    """SFT row: the filled judge prompt -> the justification ending in ``Score: X``."""
+    from mrjax.roles import fill_judge_prompt
+
+    return {"prompt": fill_judge_prompt(row["question"], row["response"]),
+            "completion": f"{row['justification'].strip()}\nScore: {row['score']}"}
+
+
+def meta_judge_sft_row(row: dict) -> dict:
+    """SFT row: the filled meta-judge prompt -> the explanation ending in ``Winner: Judgement X``."""
+    from mrjax.roles import fill_meta_judge_prompt
+
+    return {"prompt": fill_meta_judge_prompt(row["question"], row["response"], row["judgment_a"], row["judgment_b"]),
+            "completion": f"{row['explanation'].strip()}\nWinner: Judgement {row['winner']}"}
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -352,7 +531,19 @@ __all__ = [
     "DataError",
     "DataPosition",
     "Examples",
+    "SEED_PROMPTS",
     "bucket_length",
+    "dedupe_prompts",
+    "judge_sft_row",
+    "meta_judge_sft_row",
+    "normalized",
+    "prompt_question",
+    "read_judge_rows",
+    "read_jsonl",
+    "read_meta_judge_rows",
+    "read_prompts",
+    "tfds_prompts",
+    "write_text",
     "end_of_turn_text",
     "epoch_order",
     "load_examples",

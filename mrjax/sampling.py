@@ -744,12 +744,60 @@ def generate_ids(
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _candidate_logprobs_program(config: LlamaConfig):
+    def run(params, last_hidden, candidate_ids):
+        logits = last_hidden.astype(jnp.float32) @ unembedding(params, config).astype(jnp.float32)
+        return jnp.take(jax.nn.log_softmax(logits, axis=-1), candidate_ids, axis=-1)
+
+    return jax.jit(run)
+
+
+def next_token_logprobs(
+    model, prompt_ids: Sequence[Sequence[int]], candidate_ids: Sequence[int], batch_size: int = 32
+) -> np.ndarray:
+    """log p(candidate | text) [n, len(candidate_ids)] of the token after each already tokenised
+    text, under the unmodified model distribution (one prefill each, bucketed like ``generate``).
+    What the expected judge score and the expected meta-judge verdict read."""
+    c: LlamaConfig = model.config
+    if len(prompt_ids) == 0:
+        return np.zeros((0, len(candidate_ids)), np.float32)
+    for i, ids in enumerate(prompt_ids):
+        if not 0 < len(ids) <= c.max_position_embeddings:
+            raise SamplingError(f"text {i} has {len(ids)} tokens; it needs 1..{c.max_position_embeddings}")
+    mesh: Mesh = model.mesh
+    ways = mesh_lib.batch_ways(mesh)
+    programs = programs_for(model)
+    score = _candidate_logprobs_program(c)
+    candidates = jnp.asarray(list(candidate_ids), jnp.int32)
+    out = np.zeros((len(prompt_ids), len(candidate_ids)), np.float32)
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        P = prompt_bucket(max(len(prompt_ids[i]) for i in rows))
+        B = _row_bucket(len(rows), ways)
+        tokens = np.zeros((B, P), np.int32)
+        positions = np.zeros((B, P), np.int32)
+        mask = np.zeros((B, P), bool)
+        mask[:, P - 1] = True  # padding rows: one dummy token keeps softmax finite
+        for r, i in enumerate(rows):
+            ids = prompt_ids[i]
+            tokens[r, P - len(ids) :] = ids
+            positions[r, P - len(ids) :] = np.arange(len(ids))
+            mask[r, P - len(ids) :] = True
+        last_hidden, _ = programs.prefill(model.params, put(tokens), put(positions), put(mask))
+        out[rows] = np.asarray(jax.device_get(score(model.params, last_hidden, candidates)))[: len(rows)]
+    return out
+
+
 __all__ = [
     "GenerationOutput",
     "SamplingConfig",
     "SamplingError",
     "generate",
     "generate_ids",
+    "next_token_logprobs",
     "prompt_bucket",
     "programs_for",
     "sample_logits",

@@ -1,10 +1,12 @@
-"""Train with DPO or SFT from a config: ``python -m mrjax.train --config configs/X.yaml [key=value ...]``.
+"""The main job: ``python -m mrjax.train --config configs/X.yaml [key=value ...]``.
 
-Loads the config, builds the mesh, loads the model, runs ``train.kind`` (dpo | sft)
-on ``train.pairs`` with checkpoints under ``run_dir`` (resuming when it holds
-some and ``train.resume`` is true), and exports the final model as an HF
-directory ``run_dir/hf``. Errors a user can cause print one ``error: ...`` line
-and exit with status 2.
+``mode: meta_rewarding`` (the default) runs the whole method of SPEC.md in ``run_dir``:
+EFT, then the iterations (actor -> judge -> meta-judge -> pairs -> DPO), resuming at the
+first incomplete stage when re-run (``mrjax.loop``). ``mode: self_rewarding`` is the
+baseline (no meta-judge). ``mode: dpo`` / ``mode: sft`` train once on ``train.pairs``
+with checkpoints under ``run_dir`` and export ``run_dir/hf``. ``--dry-run`` checks every
+setting and builds the abstract model without loading weights. Errors a user can cause
+print one ``error: ...`` line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-6 mesh.fsdp=2")
     p.add_argument("--no-export", action="store_true", help="skip writing run_dir/hf at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, data files and model shapes without loading weights or training")
+    p.add_argument("--force-config", action="store_true",
+                   help="continue a run directory even though its config.yaml differs from this config")
     return p
 
 
@@ -45,13 +51,25 @@ def run(argv: list[str] | None = None) -> dict:
     from mrjax.trainer import build_trainer
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from mrjax.plan import dry_run
+
+        return dry_run(config)
+    if config.mode in ("meta_rewarding", "self_rewarding"):
+        from mrjax.loop import check_config, run_loop
+
+        check_config(config)  # before jax.distributed and any model: bad input fails fast
+        initialize_distributed()
+        result = run_loop(config, progress=not args.quiet, force_config=args.force_config)
+        return {"run_dir": str(result.run_dir), "mode": config.mode, "final_model": str(result.final_model),
+                "already_complete": result.already_complete, "iterations": result.summaries}
     if not config.train.pairs:
         raise ConfigError("config key 'train.pairs' is empty: name the training file")
     # Check the data files before loading a model (seconds for big ones): a bad line fails fast.
     for path in filter(None, (config.train.pairs, config.train.eval_pairs)):
-        read_rows(path, config.train.kind)
+        read_rows(path, config.mode)
     initialize_distributed()
-    trainer = build_trainer(config, progress=not args.quiet)
+    trainer = build_trainer(config, kind=config.mode, progress=not args.quiet)
     result = trainer.train()
     summary = {"run_dir": str(result.run_dir), "kind": trainer.kind, "steps": result.step,
                "metrics": result.metrics, "eval_metrics": result.eval_metrics}

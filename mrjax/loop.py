@@ -1,0 +1,890 @@
+"""The Meta-Rewarding loop (SPEC "The iteration M_t -> M_{t+1}") as resumable stages.
+
+    python -m mrjax.train --config configs/smollm2.yaml        # make run
+    from mrjax.loop import run_loop; result = run_loop(load_config("configs/tiny.yaml"))
+
+One run:  prompt pool -> EFT (optional) -> for t = 1..T:
+
+    prompts -> responses -> judgments -> actor_pairs -> [meta_judgments -> judge_pairs] -> train -> summary
+
+Every stage is a method below that reads the files of earlier stages and writes its own
+into ``run_dir`` atomically; a marker ``.done/<stage>.json`` (with the stage's figures and
+wall time) is written last, once its outputs are durable. A re-run skips every marked
+stage; generation stages write shards of ``iteration.shard_size`` as they go and a re-run
+reuses the shards that exist, so a kill loses at most one shard. Sampling seeds are a
+function of (seed, iteration, role, shard) only, and DPO resumes from its orbax
+checkpoints exactly, so a killed and resumed run ends with the same files and parameters
+as one that never stopped. M_t is always read back from ``iter_t/hf`` (float32
+safetensors, bit-exact), whichever way the run got there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mrjax import faults, roles
+from mrjax import preferences as pf
+from mrjax.config import Config, ConfigError, to_dict
+from mrjax.data import (
+    SEED_PROMPTS,
+    DataError,
+    dedupe_prompts,
+    judge_sft_row,
+    meta_judge_sft_row,
+    prompt_question,
+    read_jsonl,
+    read_judge_rows,
+    read_meta_judge_rows,
+    read_prompts,
+    resolve_path,
+    tfds_prompts,
+    tokenize_rows,
+    write_jsonl,
+    write_text,
+)
+
+log = logging.getLogger(__name__)
+
+LOOP_MODES = ("meta_rewarding", "self_rewarding")
+# The suffixes after which the expected judge score and meta-judge verdict are read.
+SCORE_SUFFIX = "Score: "
+WINNER_SUFFIX = "Winner: Judgement"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_config(config: Config) -> dict:
+    """Every check that needs no model: files exist and parse, the pool is large enough.
+    Raises ConfigError / DataError / FileNotFoundError; returns what it read (counts)."""
+    if config.mode not in LOOP_MODES:
+        raise ConfigError(f"config key 'mode' must be one of {', '.join(LOOP_MODES)} for the loop, got {config.mode!r}")
+    it, pr = config.iteration, config.prompts
+    facts: dict[str, Any] = {}
+    needed = pr.held_out + it.iterations * it.prompts_per_iteration
+    if pr.source in ("seed", "jsonl"):
+        pool = dedupe_prompts(read_prompts(pr.path if pr.source == "jsonl" else SEED_PROMPTS))
+        facts["pool"] = len(pool)
+        if len(pool) < needed:
+            raise DataError(
+                f"the prompt pool ({pr.path or SEED_PROMPTS}) has {len(pool)} distinct prompts, fewer than "
+                f"prompts.held_out + iteration.iterations x iteration.prompts_per_iteration = {pr.held_out} + "
+                f"{it.iterations} x {it.prompts_per_iteration} = {needed}"
+            )
+    elif pr.source == "self_instruct":
+        examples = read_prompts(pr.path) if pr.path else read_prompts(SEED_PROMPTS)
+        if len(examples) < roles.SELF_INSTRUCT_NUM_EXAMPLES:
+            raise DataError(f"self-instruct needs at least {roles.SELF_INSTRUCT_NUM_EXAMPLES} example prompts, "
+                            f"got {len(examples)}")
+        facts["self_instruct_examples"] = len(examples)
+    elif pr.source == "tfds":
+        try:
+            import tensorflow_datasets  # noqa: F401
+        except ImportError:
+            raise DataError(f"prompts.source=tfds ({pr.tfds_name!r}) needs tensorflow-datasets: "
+                            "pip install 'mrjax[tfds]'") from None
+    if config.eft.enabled:
+        e = config.eft
+        facts["eft_judge_rows"] = len(read_judge_rows(e.judge_rows))
+        if e.meta_judge_rows:
+            facts["eft_meta_judge_rows"] = len(read_meta_judge_rows(e.meta_judge_rows))
+        if e.eval_rows:
+            facts["eft_eval_judge_rows"] = len(read_judge_rows(e.eval_judge_rows))
+            if e.eval_meta_judge_rows:
+                facts["eft_eval_meta_judge_rows"] = len(read_meta_judge_rows(e.eval_meta_judge_rows))
+    return facts
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (run_dir excluded)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if dotted == "run_dir":
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, dotted + ".")
+        elif a != b:
+            changed.append(f"{dotted} (was {a!r}, now {b!r})")
+    return changed
+
+
+def _seed(*parts: Any) -> int:
+    """A sampling seed from (run seed, iteration, role, shard): stable across runs and restarts."""
+    words = [zlib.crc32(str(p).encode()) if not isinstance(p, int) else p for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def _continuation_token(tokenizer, prefix: str, candidate: str) -> tuple[str, int]:
+    """(text to append, the one token id that follows it) so that text + candidate tokenises as
+    text's tokens + that id: tries ``prefix`` + candidate, then prefix without its trailing space + ' ' + candidate."""
+    for head, tail in ((prefix, candidate), (prefix.rstrip(), " " + candidate)):
+        base, full = tokenizer.encode(head), tokenizer.encode(head + tail)
+        if len(full) == len(base) + 1 and full[: len(base)] == base:
+            return head, full[-1]
+    raise ConfigError(f"the tokenizer does not write {prefix + candidate!r} with {candidate!r} as one token; "
+                      "the expected judge score / verdict cannot be read with it (use 'parse')")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class LoopResult:
+    run_dir: Path
+    final_model: Path  # HF directory of M_T
+    summaries: list[dict]
+    already_complete: bool = False
+
+
+class MetaRewardingRun:
+    """One run directory; ``run()`` does (or finishes) the whole loop."""
+
+    def __init__(self, config: Config, progress: bool = True, force_config: bool = False):
+        self.config, self.progress, self.force_config = config, progress, force_config
+        self.root = Path(config.run_dir)
+        self.it = config.iteration
+        self.meta_judging = config.mode == "meta_rewarding"
+        self._model = None  # (source path, Model), loaded on first use
+        self._tokenizer = None
+        self._mesh = None
+        self.skipped: list[str] = []  # stages found complete (what a resumed run did not redo)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _stage(self, where: Path, name: str, fn: Callable[[], dict | None]) -> dict:
+        """Run ``fn`` unless ``where/.done/name.json`` says it is complete; returns its figures."""
+        marker = where / ".done" / f"{name}.json"
+        label = f"{where.relative_to(self.root)}/{name}" if where != self.root else name
+        if marker.is_file():
+            self.skipped.append(label)
+            return json.loads(marker.read_text())
+        t0 = time.perf_counter()
+        info = fn() or {}
+        info["wall_s"] = round(time.perf_counter() - t0, 3)
+        write_text(marker, json.dumps(info, indent=1, sort_keys=True) + "\n")
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items() if not isinstance(v, (dict, list)))
+        log.info("%s done: %s", label, figures)
+        return info
+
+    def _mesh_now(self):
+        if self._mesh is None:
+            from mrjax.mesh import mesh_from_settings
+
+            try:
+                self._mesh = mesh_from_settings(self.config.mesh)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        return self._mesh
+
+    def model(self, source: str | Path):
+        """The model at ``source`` (a model name or an HF directory of this run), loaded once."""
+        source = str(source)
+        if self._model is None or self._model[0] != source:
+            from mrjax.model.pretrained import load_pretrained
+
+            self._model = None
+            m = self.config.model
+            model, tokenizer = load_pretrained(source, mesh=self._mesh_now(), dtype=m.dtype, param_dtype=m.param_dtype,
+                                               remat=m.remat, seed=self.config.seed, progress=self.progress,
+                                               remat_policy=m.remat_policy)
+            if tokenizer is None:
+                raise ConfigError(f"model {source!r} has no tokenizer; the loop needs one (use an HF directory or GGUF)")
+            self._model, self._tokenizer = (source, model), tokenizer
+        return self._model[1]
+
+    def tokenizer(self, source: str | Path):
+        self.model(source)
+        return self._tokenizer
+
+    def _drop_model(self) -> None:
+        self._model = None
+
+    def _bar(self, total: int, desc: str, unit: str = "row"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True)
+
+    def generate_sharded(
+        self,
+        shard_dir: Path,
+        role: str,
+        source: str | Path,
+        prompts: Sequence[Any],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed_parts: tuple,
+        score: Callable[[Any, Any, list, list], list] | None = None,
+    ) -> list[list[dict]]:
+        """``n`` samples for each prompt, ``shard_size`` prompts per shard file; existing shards are
+        reused. Returns per prompt a list of {"text", "tokens", "finish_reason"[, "value"]}.
+        ``score(model, tokenizer, shard prompts, texts)`` adds a per-sample "value" (expected modes)."""
+        from mrjax.sampling import SamplingConfig, generate
+
+        size = self.it.shard_size
+        shards = math.ceil(len(prompts) / size)
+        out: list[list[dict]] = []
+        bar = self._bar(len(prompts) * n, role)
+        tokens_made, t0 = 0, time.perf_counter()
+        try:
+            for j in range(shards):
+                path = shard_dir / f"{j:05d}.jsonl"
+                chunk = prompts[j * size:(j + 1) * size]
+                if path.is_file():
+                    rows = _read_rows(path)
+                else:
+                    model, tokenizer = self.model(source), self._tokenizer
+                    sampling = SamplingConfig(
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
+                        seed=_seed(self.config.seed, *seed_parts, j), batch_size=self.config.sampling.batch_size,
+                    )
+                    result = generate(model, tokenizer, list(chunk), sampling, progress=False)
+                    texts = [[t.strip() for t in per] for per in result.texts]
+                    values = score(model, tokenizer, list(chunk), texts) if score is not None else None
+                    rows = []
+                    for i in range(len(chunk)):
+                        for s in range(n):
+                            row = {"i": j * size + i, "s": s, "text": texts[i][s], "tokens": result.lengths[i][s],
+                                   "finish_reason": result.finish_reasons[i][s]}
+                            if values is not None:
+                                row["value"] = values[i][s]
+                            rows.append(row)
+                            tokens_made += result.lengths[i][s]
+                    write_jsonl(path, rows)
+                    faults.point(f"{role}:shard{j}")
+                per_prompt: list[list[dict]] = [[None] * n for _ in chunk]  # type: ignore[list-item]
+                for row in rows:
+                    per_prompt[row["i"] - j * size][row["s"]] = row
+                out.extend(per_prompt)
+                bar.update(len(chunk) * n)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(tokens=tokens_made, tok_s=f"{tokens_made / max(elapsed, 1e-9):.0f}", refresh=False)
+        finally:
+            bar.close()
+        return out
+
+    # ------------------------------------------------------------------ expected modes
+
+    def _expected_scores(self, model, tokenizer, prompts: list, texts: list[list[str]]) -> list[list[float]]:
+        """Probability-weighted judge score after each judgment cut before its own 'Score:' (roles.expected_score_text)."""
+        from mrjax.sampling import next_token_logprobs
+
+        head, ids = None, []
+        for digit in "012345":
+            head, token = _continuation_token(tokenizer, SCORE_SUFFIX, digit)
+            ids.append(token)
+        flat = [tokenizer.encode(tokenizer.chat(p)) + tokenizer.encode(roles.expected_score_text(t, head))
+                for p, per in zip(prompts, texts) for t in per]
+        logprobs = next_token_logprobs(model, flat, ids, self.config.sampling.batch_size)
+        scores = np.asarray(pf.expected_score(logprobs, np.arange(6))).tolist()
+        n = len(texts[0])
+        return [scores[i * n:(i + 1) * n] for i in range(len(texts))]
+
+    def _expected_verdicts(self, model, tokenizer, prompts: list, texts: list[list[str]]) -> list[list[float]]:
+        """log p(A) - log p(B) of the token after the explanation + 'Winner: Judgement'."""
+        from mrjax.sampling import next_token_logprobs
+
+        head, a = _continuation_token(tokenizer, WINNER_SUFFIX, "A")
+        _, b = _continuation_token(tokenizer, WINNER_SUFFIX, "B")
+        flat = []
+        for p, per in zip(prompts, texts):
+            for t in per:
+                cut = roles._WINNER_LABEL_RE.search(t)
+                body = (t[: cut.start()] if cut else t).rstrip()
+                flat.append(tokenizer.encode(tokenizer.chat(p)) + tokenizer.encode((body + "\n" if body else "") + head))
+        logprobs = next_token_logprobs(model, flat, [a, b], self.config.sampling.batch_size)
+        margin = (logprobs[:, 0] - logprobs[:, 1]).tolist()
+        n = len(texts[0])
+        return [margin[i * n:(i + 1) * n] for i in range(len(texts))]
+
+    def _judge_value(self, row: dict) -> tuple[str, float | None]:
+        if self.it.judge_score == "expected":
+            return "expected", float(row["value"])
+        return roles.classify_judgment(row["text"])
+
+    def _verdict(self, row: dict, threshold: float) -> tuple[str, str | None]:
+        if self.it.meta_judge_verdict == "expected":
+            margin = float(row["value"])
+            return "expected", ("A" if margin > threshold else "B" if margin < threshold else None)
+        return roles.classify_meta_judgment(row["text"])
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> LoopResult:
+        facts = check_config(self.config)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_or_write_config()
+        T = self.it.iterations
+        final = self.root / f"iter_{T}" / "hf"
+        if (self.root / ".done" / "run.json").is_file():
+            log.info("%s: the run is already complete; nothing to do", self.root)
+            return LoopResult(self.root, final, self._summaries(), already_complete=True)
+        log.info("run %s: %s, %d iterations (%s)", self.root, self.config.mode, T,
+                 ", ".join(f"{k}={v}" for k, v in facts.items()))
+
+        self._stage(self.root, "prompt_pool", self.stage_prompt_pool)
+        source: str | Path = self.config.model.name
+        if self.config.eft.enabled:
+            self.run_eft(source)
+            source = self.root / "eft" / "hf"
+        summaries = []
+        for t in range(1, T + 1):
+            summaries.append(self.run_iteration(t, source))
+            source = self.root / f"iter_{t}" / "hf"
+        self._stage(self.root, "run", lambda: {"final_model": str(final), "iterations": T})
+        log.info("final model (M_%d): %s", T, final)
+        log.info("pair files: %s", ", ".join(str(p) for t in range(1, T + 1)
+                                             for p in sorted((self.root / f"iter_{t}").glob("*_pairs.jsonl"))))
+        log.info("summaries: %s and %s", ", ".join(str(self.root / f"iter_{t}" / "summary.json") for t in range(1, T + 1)),
+                 self.root / "metrics.jsonl")
+        return LoopResult(self.root, final, summaries)
+
+    def _check_or_write_config(self) -> None:
+        import yaml
+
+        path = self.root / "config.yaml"
+        new = to_dict(self.config)
+        if path.is_file():
+            old = yaml.safe_load(path.read_text()) or {}
+            changed = config_changes(old, new)
+            if changed and not self.force_config:
+                raise ConfigError(
+                    f"{self.root} was started with another config; changed keys: {'; '.join(changed)}. "
+                    "Re-run with the original settings, use a new run_dir, or pass --force-config"
+                )
+            if not changed:
+                return
+            log.warning("%s: continuing with a changed config (--force-config): %s", self.root, "; ".join(changed))
+        write_text(path, yaml.safe_dump(new, sort_keys=False))
+
+    def _summaries(self) -> list[dict]:
+        out = []
+        for t in range(1, self.it.iterations + 1):
+            path = self.root / f"iter_{t}" / "summary.json"
+            if path.is_file():
+                out.append(json.loads(path.read_text()))
+        return out
+
+    # ------------------------------------------------------------------ step 1: prompts
+
+    def stage_prompt_pool(self) -> dict:
+        """prompts/pool.jsonl (for the iterations) and prompts/held_out.jsonl (never trained on)."""
+        pr, it = self.config.prompts, self.it
+        if pr.source == "seed":
+            prompts = dedupe_prompts(read_prompts(SEED_PROMPTS))
+        elif pr.source == "jsonl":
+            prompts = dedupe_prompts(read_prompts(pr.path))
+        elif pr.source == "tfds":
+            prompts = dedupe_prompts(tfds_prompts(pr.tfds_name, pr.tfds_split, pr.tfds_field))
+        else:
+            prompts = self._self_instruct()
+        needed = pr.held_out + it.iterations * it.prompts_per_iteration
+        if len(prompts) < needed:
+            raise DataError(f"the prompt pool has {len(prompts)} distinct prompts, fewer than the {needed} this run "
+                            f"needs (prompts.held_out={pr.held_out} + {it.iterations} x {it.prompts_per_iteration})")
+        order = np.random.default_rng([self.config.seed, 1]).permutation(len(prompts)) if pr.shuffle \
+            else np.arange(len(prompts))
+        rows = [{"id": int(i), "prompt": prompts[i]} for i in order]
+        write_jsonl(self.root / "prompts" / "held_out.jsonl", rows[: pr.held_out])
+        write_jsonl(self.root / "prompts" / "pool.jsonl", rows[pr.held_out:])
+        return {"source": pr.source, "pool": len(rows) - pr.held_out, "held_out": pr.held_out}
+
+    def _self_instruct(self) -> list[str]:
+        """New prompts written by M_0 from 8 examples of the seed pool, filtered and deduplicated."""
+        pr, it = self.config.prompts, self.it
+        examples = read_prompts(pr.path) if pr.path else read_prompts(SEED_PROMPTS)
+        examples = [prompt_question(p) for p in examples]
+        needed = pr.held_out + it.iterations * it.prompts_per_iteration
+        attempts = int(math.ceil(needed * pr.self_instruct_attempts))
+        rng = np.random.default_rng([self.config.seed, 2])
+        requests = [roles.fill_self_instruct_prompt(list(rng.choice(examples, roles.SELF_INSTRUCT_NUM_EXAMPLES,
+                                                                    replace=False)))
+                    for _ in range(attempts)]
+        # The request is a plain continuation (a list of <task> lines), not a chat turn.
+        out = self.generate_sharded(self.root / "prompts" / "self_instruct_shards", "self_instruct",
+                                    self.config.model.name, [[{"role": "user", "content": r}] for r in requests], 1,
+                                    pr.self_instruct_temperature, pr.self_instruct_top_p,
+                                    pr.self_instruct_max_new_tokens, ("self_instruct",))
+        candidates = [roles.parse_self_instruct(per[0]["text"]) for per in out]
+        kept = [c for c in candidates if c is not None and prompt_is_sane(c, pr)]
+        prompts = dedupe_prompts(kept, against=examples)
+        log.info("self-instruct: %d requests, %d parsed, %d sane, %d new after deduplication",
+                 attempts, sum(c is not None for c in candidates), len(kept), len(prompts))
+        if len(prompts) < needed:
+            raise DataError(f"self-instruct wrote {len(prompts)} usable new prompts from {attempts} requests, fewer than "
+                            f"the {needed} needed; raise prompts.self_instruct_attempts or use another prompt source")
+        return prompts[:needed]
+
+    def stage_prompts(self, t: int, where: Path) -> dict:
+        pool = _read_rows(self.root / "prompts" / "pool.jsonl")
+        P = self.it.prompts_per_iteration
+        rows = pool[(t - 1) * P: t * P]  # disjoint slices: no prompt is used in two iterations
+        write_jsonl(where / "prompts.jsonl", rows)
+        return {"prompts": len(rows)}
+
+    # ------------------------------------------------------------------ EFT
+
+    def run_eft(self, base: str) -> None:
+        """SFT of M_0 on judge-format (and meta-judge-format) rows; parse rates before and after."""
+        e, where = self.config.eft, self.root / "eft"
+        self._stage(where, "parse_before", lambda: self.parse_rates(base, where / "parse_before", "before"))
+        self._stage(where, "train", lambda: self.stage_eft_train(base, where))
+        self._stage(where, "parse_after", lambda: self.parse_rates(where / "hf", where / "parse_after", "after"))
+        before = json.loads((where / ".done" / "parse_before.json").read_text())
+        after = json.loads((where / ".done" / "parse_after.json").read_text())
+        summary = {"before": before, "after": after,
+                   "train": json.loads((where / ".done" / "train.json").read_text())}
+        write_text(where / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        if e.eval_rows:
+            log.info("EFT judge parse rate %.2f -> %.2f, meta-judge parse rate %s -> %s",
+                     before.get("judge_parse_rate", 0), after.get("judge_parse_rate", 0),
+                     _fmt(before.get("meta_judge_parse_rate")), _fmt(after.get("meta_judge_parse_rate")))
+
+    def parse_rates(self, source: str | Path, where: Path, tag: str) -> dict:
+        """Judge and meta-judge parse rates of ``source`` on held-out EFT rows (one sample each)."""
+        e, it = self.config.eft, self.it
+        if not e.eval_rows:
+            return {}
+        info: dict[str, Any] = {}
+        judge_rows = read_judge_rows(e.eval_judge_rows)[: e.eval_rows]
+        out = self.generate_sharded(where / "judge", f"eft_{tag}_judge", source,
+                                    [roles.fill_judge_prompt(r["question"], r["response"]) for r in judge_rows], 1,
+                                    it.judge_temperature, it.judge_top_p, it.judge_max_new_tokens, ("eft_judge",))
+        stats, errors = roles.ParseStats(), []
+        for row, per in zip(judge_rows, out):
+            value = roles.parse_judge_score(per[0]["text"], stats)
+            if value is not None:
+                errors.append(abs(value - row["score"]))
+        info.update(stats.as_dict("judge_"))
+        info["judge_mean_abs_error"] = _mean(errors)
+        if e.eval_meta_judge_rows:
+            meta_rows = read_meta_judge_rows(e.eval_meta_judge_rows)[: e.eval_rows]
+            prompts = [roles.fill_meta_judge_prompt(r["question"], r["response"], r["judgment_a"], r["judgment_b"])
+                       for r in meta_rows]
+            out = self.generate_sharded(where / "meta_judge", f"eft_{tag}_meta_judge", source, prompts, 1,
+                                        it.meta_judge_temperature, it.meta_judge_top_p, it.meta_judge_max_new_tokens,
+                                        ("eft_meta_judge",))
+            stats, right = roles.ParseStats(), []
+            for row, per in zip(meta_rows, out):
+                winner = roles.parse_meta_judge(per[0]["text"], stats)
+                if winner is not None:
+                    right.append(float(winner == row["winner"]))
+            info.update(stats.as_dict("meta_judge_"))
+            info["meta_judge_accuracy"] = _mean(right)
+        return info
+
+    def stage_eft_train(self, base: str, where: Path) -> dict:
+        e = self.config.eft
+        judge = read_judge_rows(e.judge_rows)
+        judge = judge[: e.max_judge_rows] if e.max_judge_rows else judge
+        rows = [judge_sft_row(r) for r in judge]
+        if e.meta_judge_rows:
+            meta = read_meta_judge_rows(e.meta_judge_rows)
+            meta = meta[: e.max_meta_judge_rows] if e.max_meta_judge_rows else meta
+            rows += [meta_judge_sft_row(r) for r in meta]
+        path = write_jsonl(where / "sft_rows.jsonl", rows)
+        train = dataclasses.replace(
+            self.config.train, kind="sft", learning_rate=e.learning_rate, batch_size=e.batch_size,
+            grad_accum=1, epochs=e.epochs, max_steps=e.max_steps, max_length=e.max_length,
+            warmup_ratio=e.warmup_ratio, schedule=e.schedule, pairs=str(path), eval_pairs="",
+        )
+        info = self._train(dataclasses.replace(self.config, train=train), "sft", base, path, where / "train",
+                           where / "hf")
+        info["rows"] = len(rows)
+        return info
+
+    # ------------------------------------------------------------------ one iteration
+
+    def run_iteration(self, t: int, source: str | Path) -> dict:
+        where = self.root / f"iter_{t}"
+        if (where / ".done" / "summary.json").is_file():
+            self.skipped.append(f"iter_{t}")
+            return json.loads((where / "summary.json").read_text())
+        log.info("iteration %d/%d (M_%d from %s)", t, self.it.iterations, t - 1, source)
+        stage = lambda name, fn: self._stage(where, name, fn)  # noqa: E731
+        stage("prompts", lambda: self.stage_prompts(t, where))
+        stage("responses", lambda: self.stage_responses(t, where, source))
+        stage("judgments", lambda: self.stage_judgments(t, where, source))
+        stage("actor_pairs", lambda: self.stage_actor_pairs(t, where))
+        judge_training = self.meta_judging and t in self.it.judge_training_iterations
+        if judge_training:
+            stage("meta_judgments", lambda: self.stage_meta_judgments(t, where, source))
+            stage("judge_pairs", lambda: self.stage_judge_pairs(t, where))
+        stage("train", lambda: self.stage_train(t, where, source))
+        return self._stage_summary(t, where, judge_training)
+
+    # ------------------------------------------------------------------ step 2: actor
+
+    def stage_responses(self, t: int, where: Path, source) -> dict:
+        it = self.it
+        prompts = _read_rows(where / "prompts.jsonl")
+        out = self.generate_sharded(where / "shards" / "responses", "responses", source, [p["prompt"] for p in prompts],
+                                    it.responses_per_prompt, it.actor_temperature, it.actor_top_p,
+                                    it.actor_max_new_tokens, ("actor", t))
+        rows, duplicates, empty = [], 0, 0
+        for p, per in zip(prompts, out):
+            seen = set()
+            for k, sample in enumerate(per):
+                text = sample["text"]
+                if not text and it.drop_empty_responses:
+                    empty += 1
+                    continue
+                if text in seen:
+                    duplicates += 1
+                    continue
+                seen.add(text)
+                rows.append({"prompt_id": p["id"], "k": k, "response": text, "tokens": sample["tokens"],
+                             "finish_reason": sample["finish_reason"]})
+        write_jsonl(where / "responses.jsonl", rows)
+        return {"generated": len(prompts) * it.responses_per_prompt, "responses": len(rows),
+                "duplicates_dropped": duplicates, "empty_dropped": empty,
+                "tokens": sum(s["tokens"] for per in out for s in per)}
+
+    # ------------------------------------------------------------------ step 3: judge
+
+    def stage_judgments(self, t: int, where: Path, source) -> dict:
+        it = self.it
+        questions = {p["id"]: prompt_question(p["prompt"]) for p in _read_rows(where / "prompts.jsonl")}
+        responses = _read_rows(where / "responses.jsonl")
+        judge_prompts = [roles.fill_judge_prompt(questions[r["prompt_id"]], r["response"]) for r in responses]
+        score = self._expected_scores if it.judge_score == "expected" else None
+        out = self.generate_sharded(where / "shards" / "judgments", "judgments", source, judge_prompts,
+                                    it.judgments_per_response, it.judge_temperature, it.judge_top_p,
+                                    it.judge_max_new_tokens, ("judge", t), score)
+        rows, stats = [], roles.ParseStats()
+        for r, per in zip(responses, out):
+            for n, sample in enumerate(per):
+                status, value = self._judge_value(sample)
+                if status != "expected":
+                    stats.record(status)
+                rows.append({"prompt_id": r["prompt_id"], "k": r["k"], "n": n, "judgment": sample["text"],
+                             "score": value, "status": status})
+        write_jsonl(where / "judgments.jsonl", rows)
+        valid = [r["score"] for r in rows if r["score"] is not None]
+        info = {"judgments": len(rows), "valid": len(valid), "tokens": sum(s["tokens"] for per in out for s in per),
+                "score_mean": _mean(valid), "score_std": float(np.std(valid)) if valid else None}
+        info.update(stats.as_dict("parse_") if stats.total else {"parse_rate": None})
+        return info
+
+    def _judgment_arrays(self, where: Path):
+        """[P, K, N] scores / masks / lengths of the iteration's judgments, plus the lookups."""
+        it = self.it
+        prompts = _read_rows(where / "prompts.jsonl")
+        responses = _read_rows(where / "responses.jsonl")
+        judgments = _read_rows(where / "judgments.jsonl")
+        index = {p["id"]: i for i, p in enumerate(prompts)}
+        P, K, N = len(prompts), it.responses_per_prompt, it.judgments_per_response
+        scores = np.zeros((P, K, N), np.float32)
+        mask = np.zeros((P, K, N), bool)
+        lengths = np.zeros((P, K, N), np.int32)
+        texts: dict[tuple[int, int, int], str] = {}
+        for j in judgments:
+            p = index[j["prompt_id"]]
+            texts[(p, j["k"], j["n"])] = j["judgment"]
+            lengths[p, j["k"], j["n"]] = len(j["judgment"])
+            if j["score"] is not None:
+                scores[p, j["k"], j["n"]], mask[p, j["k"], j["n"]] = j["score"], True
+        response_text = {(index[r["prompt_id"]], r["k"]): r["response"] for r in responses}
+        return prompts, response_text, texts, scores, mask, lengths
+
+    # ------------------------------------------------------------------ step 4: actor pairs
+
+    def stage_actor_pairs(self, t: int, where: Path) -> dict:
+        it = self.it
+        prompts, response_text, _, judgment_scores, judgment_mask, _ = self._judgment_arrays(where)
+        P, K = len(prompts), it.responses_per_prompt
+        scores, has_score = (np.asarray(a) for a in pf.response_scores(judgment_scores, judgment_mask))
+        lengths = np.zeros((P, K), np.int32)
+        present = np.zeros((P, K), bool)
+        for (p, k), text in response_text.items():
+            lengths[p, k], present[p, k] = len(text), True
+        mask = has_score & present
+        rho = it.per_iteration("rho", t)
+        if self.meta_judging:
+            limit = it.per_iteration("max_chosen_chars", t)
+            pairs = pf.actor_pairs(scores, lengths, mask, rho=rho, max_chosen_chars=limit or None)
+        else:  # Self-Rewarding: rho = 0, ties discarded
+            rho = 0.0
+            pairs = pf.self_rewarding_pairs(scores, lengths, mask)
+        chosen, rejected, valid = (np.asarray(a) for a in pairs)
+        rows = []
+        for p in np.flatnonzero(valid):
+            c, r = int(chosen[p]), int(rejected[p])
+            rows.append({"prompt": prompts[p]["prompt"], "chosen": response_text[(p, c)],
+                         "rejected": response_text[(p, r)], "prompt_id": prompts[p]["id"], "chosen_k": c,
+                         "rejected_k": r, "chosen_score": float(scores[p, c]), "rejected_score": float(scores[p, r]),
+                         "chosen_chars": int(lengths[p, c]), "rejected_chars": int(lengths[p, r])})
+        write_jsonl(where / "actor_pairs.jsonl", rows)
+        return {"actor_pairs": len(rows), "rho": rho, "prompts_with_scores": int(mask.any(axis=1).sum())}
+
+    # ------------------------------------------------------------------ step 5: meta-judge and judge pairs
+
+    def _meta_calls(self, where: Path):
+        """The meta-judge calls: for each selected response, every ordered pair (m, n) of its valid judgments."""
+        prompts, response_text, texts, scores, mask, _ = self._judgment_arrays(where)
+        response_idx, selected, _ = (np.asarray(a) for a in pf.select_judged_response(scores, mask))
+        calls = []
+        for p in np.flatnonzero(selected):
+            k = int(response_idx[p])
+            valid_n = [n for n in range(self.it.judgments_per_response) if mask[p, k, n]]
+            for m in valid_n:
+                for n in valid_n:
+                    if m != n:
+                        calls.append((int(p), k, m, n))
+        return prompts, response_text, texts, calls
+
+    def stage_meta_judgments(self, t: int, where: Path, source) -> dict:
+        it = self.it
+        prompts, response_text, texts, calls = self._meta_calls(where)
+        meta_prompts = [roles.fill_meta_judge_prompt(prompt_question(prompts[p]["prompt"]), response_text[(p, k)],
+                                                     texts[(p, k, m)], texts[(p, k, n)]) for p, k, m, n in calls]
+        score = self._expected_verdicts if it.meta_judge_verdict == "expected" else None
+        out = self.generate_sharded(where / "shards" / "meta_judgments", "meta_judgments", source, meta_prompts, 1,
+                                    it.meta_judge_temperature, it.meta_judge_top_p, it.meta_judge_max_new_tokens,
+                                    ("meta_judge", t), score) if calls else []
+        # Expected verdicts are calibrated (as in "Calibrate before use", Zhao et al. 2021): the margin
+        # log p(A) - log p(B) is compared with its median over the iteration's calls, so a model's
+        # constant preference for one position does not decide every verdict.
+        threshold = float(np.median([per[0]["value"] for per in out])) if score is not None and out else 0.0
+        rows, stats = [], roles.ParseStats()
+        for (p, k, m, n), per in zip(calls, out):
+            status, winner = self._verdict(per[0], threshold)
+            if status != "expected":
+                stats.record(status)
+            rows.append({"prompt_id": prompts[p]["id"], "k": k, "m": m, "n": n,
+                         "order": "forward" if m < n else "reverse", "text": per[0]["text"], "winner": winner,
+                         "status": status, **({"margin": per[0]["value"]} if score is not None else {})})
+        write_jsonl(where / "meta_judgments.jsonl", rows)
+        info = {"meta_judgments": len(rows), "verdict_threshold": threshold, "selected_responses": len({(p, k) for p, k, _, _ in calls}),
+                "tokens": sum(s["tokens"] for per in out for s in per), "winners": sum(r["winner"] is not None for r in rows)}
+        info.update(stats.as_dict("parse_") if stats.total else {"parse_rate": None})
+        return info
+
+    def stage_judge_pairs(self, t: int, where: Path) -> dict:
+        it = self.it
+        prompts, response_text, texts, scores, mask, lengths = self._judgment_arrays(where)
+        index = {p["id"]: i for i, p in enumerate(prompts)}
+        P, N = len(prompts), it.judgments_per_response
+        results = np.zeros((P, N, N), np.int32)
+        called = np.zeros((P, N, N), bool)
+        for row in _read_rows(where / "meta_judgments.jsonl"):
+            p = index[row["prompt_id"]]
+            results[p, row["m"], row["n"]] = roles.winner_to_result(row["winner"])
+            called[p, row["m"], row["n"]] = True
+        limit = it.judgment_chars_limit(t)
+        pairs = pf.judge_pairs(scores, mask, lengths, results, called, max_judgment_chars=limit or None)
+        chosen, rejected, valid, response_idx, elo = (np.asarray(a) for a in
+                                                      (pairs.chosen, pairs.rejected, pairs.valid, pairs.response_idx,
+                                                       pairs.elo))
+        rows = []
+        for p in np.flatnonzero(valid):
+            k, c, r = int(response_idx[p]), int(chosen[p]), int(rejected[p])
+            rows.append({"prompt": roles.fill_judge_prompt(prompt_question(prompts[p]["prompt"]), response_text[(p, k)]),
+                         "chosen": texts[(p, k, c)], "rejected": texts[(p, k, r)], "prompt_id": prompts[p]["id"],
+                         "k": k, "chosen_n": c, "rejected_n": r, "chosen_elo": float(elo[p, c]),
+                         "rejected_elo": float(elo[p, r]), "chosen_score": float(scores[p, k, c]),
+                         "rejected_score": float(scores[p, k, r])})
+        write_jsonl(where / "judge_pairs.jsonl", rows)
+        return {"judge_pairs": len(rows), "omega1": float(pairs.omega1), "omega2": float(pairs.omega2),
+                "max_judgment_chars": limit}
+
+    # ------------------------------------------------------------------ step 6: DPO
+
+    def stage_train(self, t: int, where: Path, source) -> dict:
+        rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                for name in ("actor_pairs", "judge_pairs") if (where / f"{name}.jsonl").is_file()
+                for r in _read_rows(where / f"{name}.jsonl")]
+        train_dir = where / "train"
+        if not rows:
+            log.warning("iteration %d built no pairs: M_%d = M_%d", t, t, t - 1)
+            self._export(self.model(source), where / "hf")
+            return {"pairs": 0, "steps": 0}
+        path = write_jsonl(train_dir / "pairs.jsonl", rows)
+        return self._train(self.config, "dpo", source, path, train_dir, where / "hf")
+
+    def _train(self, config: Config, kind: str, source, path: Path, train_dir: Path, hf_dir: Path) -> dict:
+        """Train the model at ``source`` on ``path`` (kind dpo|sft; resumes from train_dir's checkpoints),
+        export it to ``hf_dir``; the reference of DPO is the model at ``source``."""
+        from mrjax.data import file_fingerprint
+        from mrjax.trainer import Trainer
+
+        model, tokenizer = self.model(source), self._tokenizer
+        self._drop_model()  # the trainer consumes its parameters
+        rows = read_jsonl(path)
+        room = config.train.max_length - 8
+        kept = [(n, r) for n, r in rows if len(tokenizer.encode(tokenizer.chat(r["prompt"]))) <= room]
+        dropped = len(rows) - len(kept)
+        if dropped:
+            log.warning("%s: %d rows have prompts longer than train.max_length - 8 = %d tokens and are left out",
+                        path, dropped, room)
+        if not kept:
+            raise DataError(f"{path}: every row's prompt is longer than train.max_length={config.train.max_length}")
+        examples = tokenize_rows([(n, {"prompt": r["prompt"], **{f: r[f] for f in
+                                                                 (("chosen", "rejected") if kind == "dpo" else
+                                                                  ("completion",))}})
+                                  for n, r in kept], tokenizer, kind, config.train.max_length, str(path),
+                                 file_fingerprint(path))
+        callbacks = [lambda done, metrics, idx: faults.point(f"{kind}:step{done}")]
+        trainer = Trainer(config, model, tokenizer, kind=kind, run_dir=train_dir, progress=self.progress,
+                          callbacks=callbacks, donate_model=True)
+        result = trainer.train(examples)
+        self._export(result.model, hf_dir)
+        metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = [m for m in metrics if "loss" in m]
+        info: dict[str, Any] = {"pairs" if kind == "dpo" else "rows": len(examples), "dropped_too_long": dropped,
+                                "steps": result.step}
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm"):
+            values = [m[key] for m in metrics if key in m]
+            if values:
+                info[f"{key}_mean"] = float(np.mean(values))
+                info[f"{key}_last"] = float(values[-1])
+        return info
+
+    def _export(self, model, hf_dir: Path) -> None:
+        """Write M_t as an HF directory atomically (a temporary folder renamed when complete)."""
+        tmp = hf_dir.with_name(hf_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, self._tokenizer)
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        tmp.rename(hf_dir)
+        self._drop_model()
+
+    # ------------------------------------------------------------------ summary
+
+    def _stage_summary(self, t: int, where: Path, judge_training: bool) -> dict:
+        def summarize():
+            summary = iteration_summary(t, where, judge_training)
+            write_text(where / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"iteration": t, **_flat(summary)}) + "\n")
+            _tensorboard(self.root, t, summary)
+            print_table(summary)
+            return {"iteration": t}
+
+        self._stage(where, "summary", summarize)
+        return json.loads((where / "summary.json").read_text())
+
+
+def prompt_is_sane(text: str, settings) -> bool:
+    """Self-instruct filter: a length in [min_chars, max_chars] and mostly ASCII letters and spaces."""
+    if not settings.min_chars <= len(text) <= settings.max_chars:
+        return False
+    letters = sum(ch.isascii() and (ch.isalpha() or ch.isspace()) for ch in text)
+    return letters / len(text) >= settings.min_letter_fraction and "<task" not in text.lower()
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+
+
+def iteration_summary(t: int, where: Path, judge_training: bool) -> dict:
+    """The iteration's figures, counted from its files and read from its stage markers."""
+    done = {p.stem: json.loads(p.read_text()) for p in (where / ".done").glob("*.json")}
+    responses = _read_rows(where / "responses.jsonl")
+    summary: dict[str, Any] = {
+        "iteration": t,
+        "prompts": _count_lines(where / "prompts.jsonl"),
+        "responses": len(responses),
+        "duplicates_dropped": done["responses"]["duplicates_dropped"],
+        "empty_dropped": done["responses"]["empty_dropped"],
+        "judgments": _count_lines(where / "judgments.jsonl"),
+        "valid_judgments": done["judgments"]["valid"],
+        "judge_parse_rate": done["judgments"].get("parse_rate"),
+        "score_mean": done["judgments"]["score_mean"],
+        "score_std": done["judgments"]["score_std"],
+        "actor_pairs": _count_lines(where / "actor_pairs.jsonl"),
+        "rho": done["actor_pairs"]["rho"],
+        "judge_pairs": _count_lines(where / "judge_pairs.jsonl") if judge_training else 0,
+        "meta_judgments": _count_lines(where / "meta_judgments.jsonl") if judge_training else 0,
+        "meta_judge_parse_rate": done["meta_judgments"].get("parse_rate") if judge_training else None,
+        "omega1": done["judge_pairs"]["omega1"] if judge_training else None,
+        "omega2": done["judge_pairs"]["omega2"] if judge_training else None,
+        "mean_response_chars": _mean([len(r["response"]) for r in responses]),
+        "dpo_pairs": done["train"].get("pairs", 0),
+        "dpo_steps": done["train"].get("steps", 0),
+        "dpo_loss": done["train"].get("loss_mean"),
+        "dpo_accuracy": done["train"].get("rewards/accuracies_mean"),
+        "dpo_margin": done["train"].get("rewards/margins_mean"),
+        "generated_tokens": sum(done[s].get("tokens", 0) for s in ("responses", "judgments", "meta_judgments")
+                                if s in done),
+        "wall_s": {name: info["wall_s"] for name, info in sorted(done.items()) if name != "summary"},
+    }
+    return summary
+
+
+def _flat(summary: dict) -> dict:
+    out = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    out.update({f"wall_s/{k}": v for k, v in summary["wall_s"].items()})
+    return out
+
+
+def _tensorboard(root: Path, t: int, summary: dict) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(root / "tensorboard")) as writer:
+        for key, value in _flat(summary).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
+                writer.add_scalar(f"iteration/{key}", value, t)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+TABLE_ROWS = (
+    ("prompts", "prompts"), ("responses", "responses"), ("duplicates dropped", "duplicates_dropped"),
+    ("judgments", "judgments"), ("judge parse rate", "judge_parse_rate"), ("score mean", "score_mean"),
+    ("score std", "score_std"), ("actor pairs", "actor_pairs"), ("meta-judgments", "meta_judgments"),
+    ("meta-judge parse rate", "meta_judge_parse_rate"), ("omega1 / omega2", None), ("judge pairs", "judge_pairs"),
+    ("mean response chars", "mean_response_chars"), ("DPO loss", "dpo_loss"), ("DPO accuracy", "dpo_accuracy"),
+    ("DPO margin", "dpo_margin"),
+)
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"iteration {summary['iteration']}"]
+    for label, key in TABLE_ROWS:
+        value = (f"{_fmt(summary['omega1'])} / {_fmt(summary['omega2'])}" if key is None else _fmt(summary[key]))
+        lines.append(f"  {label:<24}{value}")
+    lines.append("  wall time (s)           " + ", ".join(f"{k} {v:.1f}" for k, v in summary["wall_s"].items()))
+    return "\n".join(lines)
+
+
+def print_table(summary: dict) -> None:
+    import sys
+
+    print(format_table(summary), file=sys.stderr, flush=True)
+
+
+def run_loop(config: Config, progress: bool = True, force_config: bool = False) -> LoopResult:
+    """Run (or resume) the Meta-Rewarding / Self-Rewarding loop of ``config`` in ``config.run_dir``."""
+    return MetaRewardingRun(config, progress=progress, force_config=force_config).run()
+
+
+__all__ = ["LoopResult", "MetaRewardingRun", "check_config", "config_changes", "format_table", "iteration_summary",
+           "prompt_is_sane", "run_loop"]
