@@ -1,7 +1,7 @@
 # The two commands of the README:  make run  (install + main job)  and  make test  (dev install + tests).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet
-CONFIG ?= configs/smollm2_dpo.yaml
+CONFIG ?= configs/smollm2.yaml
 
 .PHONY: install install-dev run test bench
 

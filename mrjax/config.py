@@ -89,7 +89,7 @@ class TrainSettings:
     eval_every: int = 0  # evaluate eval_pairs every N steps; 0 = only at the end
     resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints
     shuffle: bool = True  # seed-shuffled order, a new permutation every epoch
-    min_bucket: int = 16  # shortest padded segment; lengths pad to powers of two up to max_length
+    min_bucket: int = 16  # shortest padded segment; lengths pad to powers of two, then multiples of 128
     max_logits_mb: int = 1024  # largest float32 logits block computed at once; larger batches chunk the sequence
 
     def __post_init__(self):

@@ -388,11 +388,15 @@ def load_examples(path: str | Path, tokenizer: Any, kind: str, max_length: int) 
 # ---------------------------------------------------------------- batches
 
 
+BUCKET_STEP = 128  # past this length buckets grow by this much instead of doubling
+
+
 def bucket_length(n: int, minimum: int, maximum: int) -> int:
-    """Padded length: the next power of two ≥ max(n, minimum), at most ``maximum`` (≥ n)."""
+    """Padded length ≥ max(n, minimum), at most ``maximum`` (≥ n): powers of two up to
+    ``BUCKET_STEP``, then multiples of it (a 540-token judge prompt pads to 640, not 1024)."""
     size = max(int(minimum), 1)
     while size < n:
-        size *= 2
+        size = size * 2 if size < BUCKET_STEP else (size // BUCKET_STEP + 1) * BUCKET_STEP
     return max(min(size, int(maximum)), int(n))
 
 

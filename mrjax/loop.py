@@ -127,8 +127,9 @@ def _seed(*parts: Any) -> int:
 
 def _continuation_token(tokenizer, prefix: str, candidate: str) -> tuple[str, int]:
     """(text to append, the one token id that follows it) so that text + candidate tokenises as
-    text's tokens + that id: tries ``prefix`` + candidate, then prefix without its trailing space + ' ' + candidate."""
-    for head, tail in ((prefix, candidate), (prefix.rstrip(), " " + candidate)):
+    text's tokens + that id: tries ``prefix + candidate`` ("Score: " + "4": SmolLM2 writes the space
+    alone), then with the space moved onto the candidate ("Score:" + " 4": Llama-3's " 4")."""
+    for head, tail in ((prefix, candidate), (prefix.rstrip(), " " + candidate.lstrip())):
         base, full = tokenizer.encode(head), tokenizer.encode(head + tail)
         if len(full) == len(base) + 1 and full[: len(base)] == base:
             return head, full[-1]
@@ -305,8 +306,8 @@ class MetaRewardingRun:
         """log p(A) - log p(B) of the token after the explanation + 'Winner: Judgement'."""
         from mrjax.sampling import next_token_logprobs
 
-        head, a = _continuation_token(tokenizer, WINNER_SUFFIX, "A")
-        _, b = _continuation_token(tokenizer, WINNER_SUFFIX, "B")
+        head, a = _continuation_token(tokenizer, WINNER_SUFFIX, " A")
+        _, b = _continuation_token(tokenizer, WINNER_SUFFIX, " B")
         flat = []
         for p, per in zip(prompts, texts):
             for t in per:
@@ -421,7 +422,7 @@ class MetaRewardingRun:
         requests = [roles.fill_self_instruct_prompt(list(rng.choice(examples, roles.SELF_INSTRUCT_NUM_EXAMPLES,
                                                                     replace=False)))
                     for _ in range(attempts)]
-        # The request is a plain continuation (a list of <task> lines), not a chat turn.
+        # The request is one user turn (the model is a chat model); its answer is read up to </task>.
         out = self.generate_sharded(self.root / "prompts" / "self_instruct_shards", "self_instruct",
                                     self.config.model.name, [[{"role": "user", "content": r}] for r in requests], 1,
                                     pr.self_instruct_temperature, pr.self_instruct_top_p,

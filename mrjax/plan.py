@@ -78,6 +78,12 @@ def dry_run(config: Config) -> dict[str, Any]:
         "adam_state_bytes_per_device": 2 * per_device_f32,
         "dtype": config.model.dtype, "remat": config.model.remat,
     })
+    from mrjax.model import registry
+
+    if config.model.name in registry.RANDOM_CONFIGS and c.vocab_size != 49152:
+        facts["warning"] = (f"{config.model.name!r} is a random-weight shape without a tokenizer: a real run needs "
+                            "model.name set to an HF checkpoint directory (config.json, safetensors, tokenizer)")
+        log.warning("dry run: %s", facts["warning"])
     for key, value in facts.items():
         log.info("dry run: %s = %s", key, value)
     log.info("dry run: the config is valid; nothing was loaded or trained")

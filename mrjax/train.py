@@ -80,6 +80,23 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
+COMPILATION_CACHE_ENV = "MRJAX_COMPILATION_CACHE"
+
+
+def _enable_compilation_cache() -> None:
+    """XLA's persistent compilation cache (default ~/.cache/mrjax/xla; MRJAX_COMPILATION_CACHE=off
+    disables it): a resumed or repeated run does not compile its programs again."""
+    import os
+
+    where = os.environ.get(COMPILATION_CACHE_ENV, str(Path.home() / ".cache" / "mrjax" / "xla"))
+    if where.lower() in ("", "0", "off", "false", "none"):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mrjax").setLevel(logging.INFO)
@@ -104,4 +121,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _enable_compilation_cache()  # the command line only; library users and tests choose their own
     sys.exit(main())

@@ -295,7 +295,7 @@ def test_cli_trains_and_exports_hf(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrained, "load_pretrained", _fake_loader(tiny))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(8, seed=6))
     config = tmp_path / "c.yaml"
-    config.write_text(f"run_dir: {tmp_path / 'run'}\nmodel: {{name: tiny-random}}\n"
+    config.write_text(f"mode: dpo\nrun_dir: {tmp_path / 'run'}\nmodel: {{name: tiny-random}}\n"
                       f"train: {{kind: dpo, pairs: {pairs}, max_length: 128, batch_size: 8, max_steps: 2}}\n")
     assert train_cli.main(["--config", str(config), "--quiet", "dpo.beta=0.2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -323,7 +323,7 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, cas
     pairs.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{oops\n' if case == "bad_line" else
                      '{"prompt": "hi", "chosen": " ", "rejected": "b"}\n' if case == "empty_completion" else
                      '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
-    args = [f"run_dir={tmp_path / 'run'}", f"train.pairs={pairs}"]
+    args = ["mode=dpo", f"train.pairs={pairs}", f"run_dir={tmp_path / 'run'}"]
     if case == "bad_key":
         args.append("train.nope=1")
     if case == "missing_file":

@@ -1,0 +1,378 @@
+"""The Meta-Rewarding loop end to end on the tiny-random model: files, rules, resume after SIGKILL,
+the Self-Rewarding switch, config checks and errors (exit status 2)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import single_device_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+STAGE_FILES = ("prompts.jsonl", "responses.jsonl", "judgments.jsonl", "actor_pairs.jsonl")
+JUDGE_FILES = ("meta_judgments.jsonl", "judge_pairs.jsonl")
+
+
+def run_cli(*args, fault=None, timeout=900):
+    """``python -m mrjax.train`` in a fresh process (one CPU device: the loop's sharded paths are
+    the model's and sampler's, tested on 8 devices elsewhere), optionally armed to SIGKILL itself."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    env.pop("MRJAX_FAULT", None)
+    if fault:
+        env["MRJAX_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "mrjax.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def main_in_process(capsys, *args):
+    """``mrjax.train.main`` here (the checks fail before any model is loaded): (status, stdout, stderr)."""
+    from mrjax import train as train_cli
+
+    status = train_cli.main(list(args))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    done = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return run_dir, done
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_file_with_its_fields(tiny_run):
+    run_dir, done = tiny_run
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "prompts" / "held_out.jsonl").is_file()
+    assert json.loads(done.stdout.strip().splitlines()[-1])["final_model"] == str(run_dir / "iter_2" / "hf")
+    assert "final model (M_2)" in done.stderr and "pair files:" in done.stderr
+    eft = json.loads((run_dir / "eft" / "summary.json").read_text())
+    assert {"judge_parse_rate", "meta_judge_parse_rate"} <= set(eft["before"]) and eft["after"]["judge_total"] == 3
+    assert (run_dir / "eft" / "hf" / "model.safetensors").is_file()
+    fields = {
+        "prompts.jsonl": {"id", "prompt"},
+        "responses.jsonl": {"prompt_id", "k", "response", "tokens", "finish_reason"},
+        "judgments.jsonl": {"prompt_id", "k", "n", "judgment", "score", "status"},
+        "actor_pairs.jsonl": {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_chars",
+                              "rejected_chars"},
+        "meta_judgments.jsonl": {"prompt_id", "k", "m", "n", "order", "text", "winner"},
+        "judge_pairs.jsonl": {"prompt", "chosen", "rejected", "chosen_elo", "rejected_elo"},
+    }
+    used = set()
+    held_out = {r["id"] for r in rows(run_dir / "prompts" / "held_out.jsonl")}
+    for t in (1, 2):
+        it = run_dir / f"iter_{t}"
+        files = STAGE_FILES + (JUDGE_FILES if t == 1 else ())
+        for name in files:
+            got = rows(it / name)
+            assert got, f"iter_{t}/{name} is empty"
+            assert all(fields[name] <= set(r) for r in got), name
+        assert not any((it / name).exists() for name in JUDGE_FILES) or t == 1
+        summary = json.loads((it / "summary.json").read_text())
+        assert summary["prompts"] == len(rows(it / "prompts.jsonl"))
+        assert summary["responses"] == len(rows(it / "responses.jsonl"))
+        assert summary["judgments"] == len(rows(it / "judgments.jsonl"))
+        assert summary["actor_pairs"] == len(rows(it / "actor_pairs.jsonl")) > 0
+        assert summary["judge_pairs"] == (len(rows(it / "judge_pairs.jsonl")) if t == 1 else 0)
+        assert summary["dpo_pairs"] == summary["actor_pairs"] + summary["judge_pairs"] and summary["dpo_steps"] > 0
+        assert (it / "hf" / "model.safetensors").is_file() and (it / "train" / "metrics.jsonl").is_file()
+        ids = {r["id"] for r in rows(it / "prompts.jsonl")}
+        assert not ids & used and not ids & held_out  # never reused, never the held-out split
+        used |= ids
+    metrics = rows(run_dir / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _tiers(scores, rho):
+    hi, lo = max(scores), min(scores)
+    top = [s >= (1 - rho) * hi + rho * lo - 1e-5 for s in scores]
+    bottom = [s <= (1 - rho) * lo + rho * hi + 1e-5 for s in scores]
+    return top, bottom
+
+
+@pytest.mark.slow
+def test_tiny_run_pairs_obey_the_rules(tiny_run):
+    run_dir, _ = tiny_run
+    for t, rho in ((1, 0.0), (2, 0.32)):
+        it = run_dir / f"iter_{t}"
+        judged = {}
+        for j in rows(it / "judgments.jsonl"):
+            if j["score"] is not None:
+                judged.setdefault((j["prompt_id"], j["k"]), []).append(j["score"])
+        responses = {(r["prompt_id"], r["k"]): r["response"] for r in rows(it / "responses.jsonl")}
+        for pair in rows(it / "actor_pairs.jsonl"):
+            keys = [key for key in judged if key[0] == pair["prompt_id"]]
+            score = {key[1]: float(np.mean(judged[key])) for key in keys}
+            ks = sorted(score)
+            assert pair["chosen_score"] > pair["rejected_score"]
+            assert pair["chosen_score"] == pytest.approx(score[pair["chosen_k"]], abs=1e-5)
+            top, bottom = _tiers([score[k] for k in ks], rho)
+            top_ks = [k for k, ok in zip(ks, top) if ok]
+            bottom_ks = [k for k, ok in zip(ks, bottom) if ok]
+            assert len(pair["chosen"]) == min(len(responses[(pair["prompt_id"], k)]) for k in top_ks)
+            assert len(pair["rejected"]) == max(len(responses[(pair["prompt_id"], k)]) for k in bottom_ks)
+            assert pair["chosen"] == responses[(pair["prompt_id"], pair["chosen_k"])]
+
+    # Judge pairs: chosen has the highest Bradley-Terry score of the battle matrix, fitted here in float64.
+    it = run_dir / "iter_1"
+    meta = rows(it / "meta_judgments.jsonl")
+    r = {(m["prompt_id"], m["k"], m["m"], m["n"]): (1 if m["winner"] == "A" else -1 if m["winner"] == "B" else 0)
+         for m in meta}
+    win1 = sum(v == 1 for v in r.values())
+    win2 = sum(v == -1 for v in r.values())
+    omega1, omega2 = win2 / (win1 + win2), win1 / (win1 + win2)
+    judgments = {(j["prompt_id"], j["k"], j["n"]): j["judgment"] for j in rows(it / "judgments.jsonl")}
+    pairs = rows(it / "judge_pairs.jsonl")
+    assert pairs
+    for pair in pairs:
+        p, k = pair["prompt_id"], pair["k"]
+        ns = sorted({key[2] for key in r if key[:2] == (p, k)})
+        B = np.zeros((len(ns), len(ns)))
+        for a, m in enumerate(ns):
+            for b, n in enumerate(ns):
+                if m != n:
+                    B[a, b] = omega1 * (r[(p, k, m, n)] == 1) + omega2 * (r[(p, k, n, m)] == -1)
+        elo = np.zeros(len(ns))
+        for _ in range(5000):  # gradient ascent on sum B log sigmoid(e_m - e_n) - 0.01/2 |e|^2
+            s = 1 / (1 + np.exp(-(elo[:, None] - elo[None, :])))
+            grad = (B * (1 - s)).sum(1) - (B.T * (1 - s.T)).sum(1) - 0.01 * elo
+            elo += 0.1 * grad
+        assert ns[int(np.argmax(elo))] == pair["chosen_n"] and ns[int(np.argmin(elo))] == pair["rejected_n"]
+        assert pair["chosen"] == judgments[(p, k, pair["chosen_n"])]
+        assert pair["prompt"].startswith("Review the user's question") and "<response>" in pair["prompt"]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_does_nothing(tiny_run):
+    run_dir, _ = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete; nothing to do" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["already_complete"] is True
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert before == after
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_result(tiny_run, tmp_path):
+    """SIGKILL during generation, judging, meta-judging, DPO and a checkpoint write; each re-run
+    continues, keeps what was complete, and the end is byte-identical to the uninterrupted run."""
+    reference, _ = tiny_run
+    run_dir = tmp_path / "killed"
+    args = ("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
+    completed: dict[Path, int] = {}
+    for fault in ("responses:shard1", "judgments:shard2", "meta_judgments:shard3", "dpo:step2", "checkpoint:2"):
+        killed = run_cli(*args, fault=fault)
+        assert killed.returncode == -9, f"{fault}: {killed.returncode}\n{killed.stderr[-3000:]}"
+        for path, mtime in completed.items():  # nothing complete was redone
+            assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten after the {fault} kill"
+        markers = list(run_dir.rglob(".done/*.json"))
+        completed = {p: p.stat().st_mtime_ns for p in markers}
+        completed.update({p: p.stat().st_mtime_ns for p in run_dir.rglob("shards/*/*.jsonl")})
+    leftovers = list(run_dir.rglob("checkpoints/*tmp*"))
+    assert leftovers, "the checkpoint kill happened outside a write"
+    final = run_cli(*args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not list(run_dir.rglob("checkpoints/*tmp*"))
+    for path, mtime in completed.items():
+        assert path.stat().st_mtime_ns == mtime
+    for t in (1, 2):
+        for name in ("actor_pairs.jsonl", "judge_pairs.jsonl", "responses.jsonl", "judgments.jsonl",
+                     "meta_judgments.jsonl"):
+            ours, theirs = run_dir / f"iter_{t}" / name, reference / f"iter_{t}" / name
+            assert ours.exists() == theirs.exists()
+            if theirs.exists():
+                assert ours.read_bytes() == theirs.read_bytes(), f"iter_{t}/{name} differs"
+    for rel in ("eft/hf/model.safetensors", "iter_1/hf/model.safetensors", "iter_2/hf/model.safetensors"):
+        assert (run_dir / rel).read_bytes() == (reference / rel).read_bytes(), f"{rel} differs"
+
+
+@pytest.mark.slow
+def test_self_rewarding_switch_runs_without_meta_judge(tmp_path, monkeypatch):
+    import mrjax.mesh as mesh_lib
+    from mrjax.config import load_config
+    from mrjax.loop import run_loop
+
+    config = load_config(TINY, [f"run_dir={tmp_path}", "mode=self_rewarding", "iteration.iterations=1",
+                                "iteration.judge_training_iterations=[]", "eft.enabled=false"])
+    monkeypatch.setattr(mesh_lib, "mesh_from_settings", lambda settings: single_device_mesh())
+    result = run_loop(config, progress=False)
+    it = tmp_path / "iter_1"
+    assert rows(it / "actor_pairs.jsonl") and not any((it / name).exists() for name in JUDGE_FILES)
+    assert not list(it.rglob("shards/meta_judgments*"))
+    assert result.summaries[0]["judge_pairs"] == 0 and result.summaries[0]["rho"] == 0.0
+    assert (it / "hf" / "model.safetensors").is_file()
+
+
+def test_bundled_loop_configs_validate_without_loading_weights(tmp_path, capsys):
+    for name in ("tiny", "smollm2", "self_rewarding_smollm2", "llama3_8b"):
+        status, out, err = main_in_process(capsys, "--config", str(REPO / "configs" / f"{name}.yaml"),
+                                           f"run_dir={tmp_path / name}", "--dry-run")
+        assert status == 0, f"{name}: {err[-2000:]}"
+        facts = json.loads(out.strip().splitlines()[-1])
+        assert facts["parameters"] > 0 and ("pool" in facts or "self_instruct_examples" in facts)
+        assert not (tmp_path / name).exists()  # a dry run writes nothing
+    status, out, _ = main_in_process(capsys, "--config", str(REPO / "configs" / "llama3_8b.yaml"), "--dry-run")
+    facts = json.loads(out.strip().splitlines()[-1])
+    assert facts["parameters"] == 8_030_261_248 and facts["mode"] == "meta_rewarding"
+    assert facts["adam_state_bytes_per_device"] == 2 * 4 * 8_030_261_248 // facts["devices"]
+
+
+def _pool_file(tmp_path, lines):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["iteration.bogus=1"], "unknown config key 'iteration.bogus'"),
+    (["prompts.source=jsonl", "prompts.path=/nonexistent/p.jsonl"], "prompt file not found: /nonexistent/p.jsonl"),
+    (["iteration.judge_training_iterations=[3]"], "names iteration 3 but the run has iterations 1..2"),
+    (["iteration.prompts_per_iteration=500"], "fewer than prompts.held_out + iteration.iterations x"),
+    (["eft.judge_rows=/nonexistent/eft.jsonl"], "EFT judge file not found"),
+    (["prompts.source=tfds", "prompts.tfds_name=some_dataset"], "needs tensorflow-datasets"),
+    (["mode=bogus"], "config key 'mode' must be one of"),
+])
+def test_config_errors_exit_2_before_any_work(tmp_path, capsys, overrides, message):
+    status, _, err = main_in_process(capsys, "--config", str(TINY), f"run_dir={tmp_path / 'run'}", *overrides)
+    assert status == 2, err[-2000:]
+    assert message in err and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a fine prompt"}', '{"prompt": "x"'], "prompts.jsonl:2: not valid JSON"),
+    (['{"prompt": "   "}'], "prompts.jsonl:1: 'prompt' is empty"),
+    (['{"text": "no prompt field"}'], "prompts.jsonl:1: a prompt row needs a 'prompt' string or a 'messages' list"),
+    (['{"messages": [{"role": "system", "content": "only a system turn"}]}'], "has no non-empty user message"),
+    (['', ''], "no prompts (the file is empty)"),
+    (['{"prompt": "one"}', '{"prompt": "ONE "}'], "has 1 distinct prompts, fewer than"),
+])
+def test_bad_prompt_files_name_file_and_line(tmp_path, capsys, lines, message):
+    path = _pool_file(tmp_path, lines)
+    status, _, err = main_in_process(capsys, "--config", str(TINY), f"run_dir={tmp_path / 'run'}",
+                                     "prompts.source=jsonl", f"prompts.path={path}")
+    assert status == 2 and message in err, err[-2000:]
+
+
+def test_prompt_file_with_messages_feeds_the_pool(tmp_path):
+    from mrjax.config import load_config
+    from mrjax.loop import MetaRewardingRun
+
+    lines = [json.dumps({"prompt": f"Question number {i}: why is the sky blue?"}) for i in range(16)]
+    lines.append(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Name a prime number."}]}))
+    lines.append(json.dumps({"prompt": "question NUMBER 0: why is the sky blue?"}))  # a repeat
+    path = _pool_file(tmp_path, lines)
+    config = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "prompts.source=jsonl", f"prompts.path={path}"])
+    run = MetaRewardingRun(config, progress=False)
+    run.root.mkdir(parents=True)
+    info = run.stage_prompt_pool()
+    assert info == {"source": "jsonl", "pool": 13, "held_out": 4}
+    pool = rows(tmp_path / "run" / "prompts" / "pool.jsonl") + rows(tmp_path / "run" / "prompts" / "held_out.jsonl")
+    assert len({r["id"] for r in pool}) == 17
+    assert any(isinstance(r["prompt"], list) for r in pool)
+
+
+def test_changed_config_is_refused_naming_the_keys(tmp_path):
+    from mrjax.config import ConfigError, load_config
+    from mrjax.loop import MetaRewardingRun, config_changes
+
+    first = load_config(TINY, [f"run_dir={tmp_path}"])
+    MetaRewardingRun(first)._check_or_write_config()
+    changed = load_config(TINY, [f"run_dir={tmp_path}", "iteration.rho=[0.1, 0.2]", "train.learning_rate=3e-4"])
+    with pytest.raises(ConfigError, match=r"changed keys: iteration.rho \(was \[0.0, 0.32\], now \[0.1, 0.2\]\); "
+                                          r"train.learning_rate"):
+        MetaRewardingRun(changed)._check_or_write_config()
+    MetaRewardingRun(changed, force_config=True)._check_or_write_config()  # --force-config
+    assert config_changes({"a": {"b": 1}, "run_dir": "x"}, {"a": {"b": 2}, "run_dir": "y"}) == ["a.b (was 1, now 2)"]
+
+
+def test_changed_config_exits_2_from_the_cli(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from mrjax.config import load_config, to_dict
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(load_config(TINY, [f"run_dir={run_dir}"]))))
+    status, _, err = main_in_process(capsys, "--config", str(TINY), f"run_dir={run_dir}",
+                                     "iteration.judgments_per_response=5")
+    assert status == 2
+    assert "changed keys: iteration.judgments_per_response (was 3, now 5)" in err and "--force-config" in err
+
+
+def test_model_tokenizer_mismatch_exits_2(tmp_path, capsys, monkeypatch):
+    from mrjax import load_pretrained
+
+    model, tok = load_pretrained("tiny-random", mesh=single_device_mesh(), progress=False)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf, tok)
+    config = json.loads((hf / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (hf / "config.json").write_text(json.dumps(config))
+    import mrjax.mesh as mesh_lib
+
+    monkeypatch.setattr(mesh_lib, "mesh_from_settings", lambda settings: single_device_mesh())
+    status, _, err = main_in_process(capsys, "--config", str(TINY), f"run_dir={tmp_path / 'run'}", f"model.name={hf}",
+                                     "eft.enabled=false")
+    assert status == 2, err[-2000:]
+    assert "tokenizer has 49152 tokens but the model's embedding has only 1000 rows" in err
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_next_token_logprobs_match_the_full_forward():
+    import jax
+    from mrjax import load_pretrained
+    from mrjax.sampling import next_token_logprobs
+
+    model, _ = load_pretrained("tiny-random", mesh=single_device_mesh(), progress=False)
+    texts = [[5, 9, 300, 17], [44], list(range(100, 137))]
+    candidates = [3, 17, 4000, 49151]
+    ours = next_token_logprobs(model, texts, candidates, batch_size=2)
+    for row, ids in zip(ours, texts):
+        logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1].astype(np.float64)
+        reference = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+        np.testing.assert_allclose(row, reference[candidates], atol=2e-5)
+    assert jax.numpy.isfinite(ours).all()
+
+
+def test_continuation_tokens_of_the_expected_modes():
+    from mrjax.loop import SCORE_SUFFIX, WINNER_SUFFIX, _continuation_token
+    from mrjax.model.registry import embedded_gguf_path
+    from mrjax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(embedded_gguf_path())
+    head, four = _continuation_token(tok, SCORE_SUFFIX, "4")
+    assert tok.encode(head + "4") == tok.encode(head) + [four] and tok.decode([four]).strip() == "4"
+    head, a = _continuation_token(tok, WINNER_SUFFIX, " A")
+    assert tok.decode(tok.encode(head) + [a]) == "Winner: Judgement A"
+
+
+def test_self_instruct_sanity_filter_and_dedupe():
+    from mrjax.config import PromptSettings
+    from mrjax.data import dedupe_prompts
+    from mrjax.loop import prompt_is_sane
+
+    s = PromptSettings(min_chars=10, max_chars=80, min_letter_fraction=0.7)
+    assert prompt_is_sane("Explain how a rainbow forms.", s)
+    assert not prompt_is_sane("Too short", s)
+    assert not prompt_is_sane("x" * 81, s)
+    assert not prompt_is_sane("ДЛЯ ЧЕГО НУЖЕН ЭТОТ ВОПРОС И ЗАЧЕМ", s)  # not the pool's language
+    assert not prompt_is_sane("1234 5678 9012 3456 7890 !!!!", s)
+    assert not prompt_is_sane("Write a <task> about tasks please", s)
+    assert dedupe_prompts(["A b", "a  B", "new one", "Seed"], against=["seed"]) == ["A b", "new one"]
