@@ -139,34 +139,23 @@ def read_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
     if kind not in COMPLETION_FIELDS:
         raise ValueError(f"kind {kind!r} is not dpo or sft")
     path = resolve_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{'pair' if kind == 'dpo' else 'SFT'} file not found: {path}")
     fields = ("prompt",) + COMPLETION_FIELDS[kind]
     rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = _where(path, number)
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(raw, dict):
-                raise DataError(f"{where}: expected a JSON object with {', '.join(fields)}; got {type(raw).__name__}")
-            missing = [k for k in fields if k not in raw]
-            if missing:
-                raise DataError(f"{where}: missing field '{missing[0]}' (a {kind} row needs {', '.join(fields)})")
-            row = {"prompt": _check_prompt(raw["prompt"], where)}
-            for field in COMPLETION_FIELDS[kind]:
-                row[field] = _check_completion(raw[field], field, where)
-            if kind == "dpo":
-                refs = [raw.get("ref_chosen_logps"), raw.get("ref_rejected_logps")]
-                if any(r is not None for r in refs):
-                    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and np.isfinite(r) for r in refs):
-                        raise DataError(f"{where}: ref_chosen_logps and ref_rejected_logps must both be finite numbers")
-                    row["ref_logps"] = (float(refs[0]), float(refs[1]))
-            rows.append((number, row))
+    for number, raw in read_jsonl(path, "pair" if kind == "dpo" else "SFT"):
+        where = _where(path, number)
+        missing = [k for k in fields if k not in raw]
+        if missing:
+            raise DataError(f"{where}: missing field '{missing[0]}' (a {kind} row needs {', '.join(fields)})")
+        row = {"prompt": _check_prompt(raw["prompt"], where)}
+        for field in COMPLETION_FIELDS[kind]:
+            row[field] = _check_completion(raw[field], field, where)
+        if kind == "dpo":
+            refs = [raw.get("ref_chosen_logps"), raw.get("ref_rejected_logps")]
+            if any(r is not None for r in refs):
+                if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and np.isfinite(r) for r in refs):
+                    raise DataError(f"{where}: ref_chosen_logps and ref_rejected_logps must both be finite numbers")
+                row["ref_logps"] = (float(refs[0]), float(refs[1]))
+        rows.append((number, row))
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty)")
     return rows
@@ -257,45 +246,46 @@ JUDGE_ROW_FIELDS = ("question", "response", "justification", "score")
 META_JUDGE_ROW_FIELDS = ("question", "response", "judgment_a", "judgment_b", "explanation", "winner")
 
 
-def read_judge_rows(path: str | Path) -> list[dict]:
-    """Judge-format EFT rows: question, response, a justification and an integer score 0..5."""
+def _read_eft_rows(path: str | Path, what: str, fields: tuple[str, ...], text_fields: tuple[str, ...],
+                   check) -> list[dict]:
+    """Rows with every field in ``fields``, non-empty strings in ``text_fields``, and ``check(row)``
+    returning an error message or None; errors name the file and line."""
     path = resolve_path(path)
     rows = []
-    for number, raw in read_jsonl(path, "EFT judge"):
+    for number, raw in read_jsonl(path, f"EFT {what}"):
         where = _where(path, number)
-        for field in JUDGE_ROW_FIELDS:
+        for field in fields:
             if field not in raw:
-                raise DataError(f"{where}: missing field '{field}' (a judge row needs {', '.join(JUDGE_ROW_FIELDS)})")
-        for field in JUDGE_ROW_FIELDS[:3]:
+                raise DataError(f"{where}: missing field '{field}' (a {what} row needs {', '.join(fields)})")
+        for field in text_fields:
             if not isinstance(raw[field], str) or not raw[field].strip():
                 raise DataError(f"{where}: '{field}' must be a non-empty string")
-        score = raw["score"]
-        if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 5:
-            raise DataError(f"{where}: 'score' must be an integer 0..5, got {score!r}")
-        rows.append({k: raw[k] for k in JUDGE_ROW_FIELDS})
+        problem = check(raw)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+        rows.append({k: raw[k] for k in fields})
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     return rows
+
+
+def read_judge_rows(path: str | Path) -> list[dict]:
+    """Judge-format EFT rows: question, response, a justification and an integer score 0..5."""
+    def check(raw):
+        score = raw["score"]
+        if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 5:
+            return f"'score' must be an integer 0..5, got {score!r}"
+
+    return _read_eft_rows(path, "judge", JUDGE_ROW_FIELDS, JUDGE_ROW_FIELDS[:3], check)
 
 
 def read_meta_judge_rows(path: str | Path) -> list[dict]:
     """Meta-judge-format EFT rows: two judgments of a response, an explanation and the winner A|B."""
-    path = resolve_path(path)
-    rows = []
-    for number, raw in read_jsonl(path, "EFT meta-judge"):
-        where = _where(path, number)
-        for field in META_JUDGE_ROW_FIELDS:
-            if field not in raw:
-                raise DataError(
-                    f"{where}: missing field '{field}' (a meta-judge row needs {', '.join(META_JUDGE_ROW_FIELDS)})")
-            if not isinstance(raw[field], str) or not raw[field].strip():
-                raise DataError(f"{where}: '{field}' must be a non-empty string")
+    def check(raw):
         if raw["winner"] not in ("A", "B"):
-            raise DataError(f"{where}: 'winner' must be \"A\" or \"B\", got {raw['winner']!r}")
-        rows.append({k: raw[k] for k in META_JUDGE_ROW_FIELDS})
-    if not rows:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    return rows
+            return f"'winner' must be \"A\" or \"B\", got {raw['winner']!r}"
+
+    return _read_eft_rows(path, "meta-judge", META_JUDGE_ROW_FIELDS, META_JUDGE_ROW_FIELDS, check)
 
 
 def judge_sft_row(row: dict) -> dict:

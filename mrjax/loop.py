@@ -573,19 +573,20 @@ class MetaRewardingRun:
         out = self.generate_sharded(where / "shards" / "judgments", "judgments", source, judge_prompts,
                                     it.judgments_per_response, it.judge_temperature, it.judge_top_p,
                                     it.judge_max_new_tokens, ("judge", t), score)
-        rows, stats = [], roles.ParseStats()
+        rows, stats = [], roles.ParseStats()  # the parse rate of the text, whichever way scores are read
         for r, per in zip(responses, out):
             for n, sample in enumerate(per):
+                parsed, _ = roles.classify_judgment(sample["text"])
+                stats.record(parsed)
                 status, value = self._judge_value(sample)
-                if status != "expected":
-                    stats.record(status)
                 rows.append({"prompt_id": r["prompt_id"], "k": r["k"], "n": n, "judgment": sample["text"],
-                             "score": value, "status": status})
+                             "score": value, "status": status, **({"parse_status": parsed} if status == "expected"
+                                                                  else {})})
         write_jsonl(where / "judgments.jsonl", rows)
         valid = [r["score"] for r in rows if r["score"] is not None]
         info = {"judgments": len(rows), "valid": len(valid), "tokens": sum(s["tokens"] for per in out for s in per),
                 "score_mean": _mean(valid), "score_std": float(np.std(valid)) if valid else None}
-        info.update(stats.as_dict("parse_") if stats.total else {"parse_rate": None})
+        info.update(stats.as_dict("judge_"))
         return info
 
     def _judgment_arrays(self, where: Path):
@@ -668,18 +669,19 @@ class MetaRewardingRun:
         # log p(A) - log p(B) is compared with its median over the iteration's calls, so a model's
         # constant preference for one position does not decide every verdict.
         threshold = float(np.median([per[0]["value"] for per in out])) if score is not None and out else 0.0
-        rows, stats = [], roles.ParseStats()
+        rows, stats = [], roles.ParseStats()  # the parse rate of the text, whichever way verdicts are read
         for (p, k, m, n), per in zip(calls, out):
+            parsed, _ = roles.classify_meta_judgment(per[0]["text"])
+            stats.record(parsed)
             status, winner = self._verdict(per[0], threshold)
-            if status != "expected":
-                stats.record(status)
             rows.append({"prompt_id": prompts[p]["id"], "k": k, "m": m, "n": n,
                          "order": "forward" if m < n else "reverse", "text": per[0]["text"], "winner": winner,
-                         "status": status, **({"margin": per[0]["value"]} if score is not None else {})})
+                         "status": status,
+                         **({"margin": per[0]["value"], "parse_status": parsed} if score is not None else {})})
         write_jsonl(where / "meta_judgments.jsonl", rows)
         info = {"meta_judgments": len(rows), "verdict_threshold": threshold, "selected_responses": len({(p, k) for p, k, _, _ in calls}),
                 "tokens": sum(s["tokens"] for per in out for s in per), "winners": sum(r["winner"] is not None for r in rows)}
-        info.update(stats.as_dict("parse_") if stats.total else {"parse_rate": None})
+        info.update(stats.as_dict("meta_judge_") if stats.total else {"meta_judge_parse_rate": None})
         return info
 
     def stage_judge_pairs(self, t: int, where: Path) -> dict:
@@ -811,14 +813,14 @@ def iteration_summary(t: int, where: Path, judge_training: bool) -> dict:
         "empty_dropped": done["responses"]["empty_dropped"],
         "judgments": _count_lines(where / "judgments.jsonl"),
         "valid_judgments": done["judgments"]["valid"],
-        "judge_parse_rate": done["judgments"].get("parse_rate"),
+        "judge_parse_rate": done["judgments"]["judge_parse_rate"],
         "score_mean": done["judgments"]["score_mean"],
         "score_std": done["judgments"]["score_std"],
         "actor_pairs": _count_lines(where / "actor_pairs.jsonl"),
         "rho": done["actor_pairs"]["rho"],
         "judge_pairs": _count_lines(where / "judge_pairs.jsonl") if judge_training else 0,
         "meta_judgments": _count_lines(where / "meta_judgments.jsonl") if judge_training else 0,
-        "meta_judge_parse_rate": done["meta_judgments"].get("parse_rate") if judge_training else None,
+        "meta_judge_parse_rate": done["meta_judgments"]["meta_judge_parse_rate"] if judge_training else None,
         "omega1": done["judge_pairs"]["omega1"] if judge_training else None,
         "omega2": done["judge_pairs"]["omega2"] if judge_training else None,
         "mean_response_chars": _mean([len(r["response"]) for r in responses]),

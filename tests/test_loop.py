@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 STAGE_FILES = ("prompts.jsonl", "responses.jsonl", "judgments.jsonl", "actor_pairs.jsonl")
 JUDGE_FILES = ("meta_judgments.jsonl", "judge_pairs.jsonl")
+# XLA's persistent cache shared by this module's runs (a resumed run reuses the compiled programs).
+XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
 
 
 def run_cli(*args, fault=None, timeout=900):
     """``python -m mrjax.train`` in a fresh process (one CPU device: the loop's sharded paths are
     the model's and sampler's, tested on 8 devices elsewhere), optionally armed to SIGKILL itself."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), MRJAX_COMPILATION_CACHE=str(XLA_CACHE))
     env.pop("XLA_FLAGS", None)
     env.pop("MRJAX_FAULT", None)
     if fault:
@@ -174,7 +177,7 @@ def test_killed_runs_resume_to_the_same_result(tiny_run, tmp_path):
     run_dir = tmp_path / "killed"
     args = ("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
     completed: dict[Path, int] = {}
-    for fault in ("responses:shard1", "judgments:shard2", "meta_judgments:shard3", "dpo:step2", "checkpoint:2"):
+    for fault in ("responses:shard1", "judgments:shard2", "meta_judgments:shard3", "dpo:step1", "checkpoint:2"):
         killed = run_cli(*args, fault=fault)
         assert killed.returncode == -9, f"{fault}: {killed.returncode}\n{killed.stderr[-3000:]}"
         for path, mtime in completed.items():  # nothing complete was redone
