@@ -379,3 +379,36 @@ def test_self_instruct_sanity_filter_and_dedupe():
     assert not prompt_is_sane("1234 5678 9012 3456 7890 !!!!", s)
     assert not prompt_is_sane("Write a <task> about tasks please", s)
     assert dedupe_prompts(["A b", "a  B", "new one", "Seed"], against=["seed"]) == ["A b", "new one"]
+
+
+def test_self_instruct_pool_from_the_model(tmp_path, monkeypatch):
+    """Self-instruct runs the model on 8-example requests and keeps sane prompts new to the seed pool;
+    too few usable prompts is a clear error naming the counts (never a silently short pool)."""
+    import mrjax.mesh as mesh_lib
+    from mrjax import roles
+    from mrjax.config import load_config
+    from mrjax.data import SEED_PROMPTS, DataError, normalized, read_prompts
+    from mrjax.loop import MetaRewardingRun, prompt_is_sane
+
+    monkeypatch.setattr(mesh_lib, "mesh_from_settings", lambda settings: single_device_mesh())
+    overrides = [f"run_dir={tmp_path / 'a'}", "prompts.source=self_instruct", "prompts.held_out=1",
+                 "iteration.iterations=1", "iteration.prompts_per_iteration=2",
+                 "iteration.judge_training_iterations=[1]", "prompts.self_instruct_max_new_tokens=12"]
+    config = load_config(TINY, overrides)
+    run = MetaRewardingRun(config, progress=False)
+    assert run.stage_prompt_pool() == {"source": "self_instruct", "pool": 2, "held_out": 1}
+    shards = sorted((tmp_path / "a" / "prompts" / "self_instruct_shards").glob("*.jsonl"))
+    written = [roles.parse_self_instruct(r["text"]) for shard in shards for r in rows(shard)]
+    assert len(written) == 9  # ceil(3 prompts needed x 3 attempts) requests, one sample each
+    seed = {normalized(p) for p in read_prompts(SEED_PROMPTS)}
+    pool = [r["prompt"] for r in rows(tmp_path / "a" / "prompts" / "pool.jsonl")]
+    pool += [r["prompt"] for r in rows(tmp_path / "a" / "prompts" / "held_out.jsonl")]
+    assert len(set(pool)) == 3 and all(p in written and prompt_is_sane(p, config.prompts) for p in pool)
+    assert not {normalized(p) for p in pool} & seed
+
+    strict = load_config(TINY, overrides[1:] + [f"run_dir={tmp_path / 'b'}", "prompts.min_chars=400",
+                                                "prompts.max_chars=600"])
+    shutil.copytree(tmp_path / "a" / "prompts" / "self_instruct_shards",
+                    tmp_path / "b" / "prompts" / "self_instruct_shards")  # the same requests: reused, not rerun
+    with pytest.raises(DataError, match=r"self-instruct wrote 0 usable new prompts from 9 requests"):
+        MetaRewardingRun(strict, progress=False).stage_prompt_pool()
