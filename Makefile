@@ -18,7 +18,7 @@ run: install
 	$(PYTHON) -m mrjax.train --config $(CONFIG)
 
 test: install-dev
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests --durations=20
 
 bench: install-dev
 	$(PYTHON) -m mrjax.bench sample --json
