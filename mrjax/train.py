@@ -44,7 +44,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments, train, export; returns a summary dict (also printed as JSON)."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after the flags
     from mrjax.config import ConfigError, load_config
     from mrjax.data import read_rows
     from mrjax.mesh import initialize_distributed

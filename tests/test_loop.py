@@ -313,12 +313,9 @@ def test_changed_config_exits_2_from_the_cli(tmp_path, capsys):
     assert "changed keys: iteration.judgments_per_response (was 3, now 5)" in err and "--force-config" in err
 
 
-def test_model_tokenizer_mismatch_exits_2(tmp_path, capsys, monkeypatch):
-    from mrjax import load_pretrained
-
-    model, tok = load_pretrained("tiny-random", mesh=single_device_mesh(), progress=False)
+def test_model_tokenizer_mismatch_exits_2(tiny_run, tmp_path, capsys, monkeypatch):
     hf = tmp_path / "hf"
-    model.save_pretrained(hf, tok)
+    shutil.copytree(tiny_run[0] / "eft" / "hf", hf)  # a real HF export of the tiny model
     config = json.loads((hf / "config.json").read_text())
     config["vocab_size"] = 1000
     (hf / "config.json").write_text(json.dumps(config))
