@@ -295,8 +295,10 @@ class MetaRewardingRun:
         for digit in "012345":
             head, token = _continuation_token(tokenizer, SCORE_SUFFIX, digit)
             ids.append(token)
-        flat = [tokenizer.encode(tokenizer.chat(p)) + tokenizer.encode(roles.expected_score_text(t, head))
-                for p, per in zip(prompts, texts) for t in per]
+        flat = []
+        for p, per in zip(prompts, texts):
+            prompt_ids = tokenizer.encode(tokenizer.chat(p))  # once per prompt, not per sample
+            flat += [prompt_ids + tokenizer.encode(roles.expected_score_text(t, head)) for t in per]
         logprobs = next_token_logprobs(model, flat, ids, self.config.sampling.batch_size)
         scores = np.asarray(pf.expected_score(logprobs, np.arange(6))).tolist()
         n = len(texts[0])
@@ -310,10 +312,8 @@ class MetaRewardingRun:
         _, b = _continuation_token(tokenizer, WINNER_SUFFIX, " B")
         flat = []
         for p, per in zip(prompts, texts):
-            for t in per:
-                cut = roles._WINNER_LABEL_RE.search(t)
-                body = (t[: cut.start()] if cut else t).rstrip()
-                flat.append(tokenizer.encode(tokenizer.chat(p)) + tokenizer.encode((body + "\n" if body else "") + head))
+            prompt_ids = tokenizer.encode(tokenizer.chat(p))  # once per prompt, not per sample
+            flat += [prompt_ids + tokenizer.encode(roles.expected_verdict_text(t, head)) for t in per]
         logprobs = next_token_logprobs(model, flat, [a, b], self.config.sampling.batch_size)
         margin = (logprobs[:, 0] - logprobs[:, 1]).tolist()
         n = len(texts[0])

@@ -294,3 +294,12 @@ def expected_score_text(judgment: str, suffix: str = "Score: ") -> str:
         head = judgment.rstrip()
         head = head + "\n" if head else head
     return head + suffix
+
+
+def expected_verdict_text(meta_judgment: str, suffix: str = "Winner: Judgement") -> str:
+    """The meta-judgment to read a verdict from by expectation: cut before its first ``Winner:``
+    label (so its own answer does not leak in), then ``suffix`` on a new line; the model's
+    probabilities of " A" and " B" after this text give the verdict."""
+    label = _WINNER_LABEL_RE.search(meta_judgment)
+    body = (meta_judgment[: label.start()] if label else meta_judgment).rstrip()
+    return (body + "\n" if body else "") + suffix
