@@ -304,12 +304,13 @@ class MetaRewardingRun:
         n = len(texts[0])
         return [scores[i * n:(i + 1) * n] for i in range(len(texts))]
 
-    def _expected_verdicts(self, model, tokenizer, prompts: list, texts: list[list[str]]) -> list[list[float]]:
-        """log p(A) - log p(B) of the token after the explanation + 'Winner: Judgement'."""
+    def _expected_verdicts(self, model, tokenizer, prompts: list, texts: list[list[str]],
+                           suffix: str = WINNER_SUFFIX) -> list[list[float]]:
+        """log p(A) - log p(B) of the token after the explanation + ``suffix`` ('Winner: Judgement')."""
         from mrjax.sampling import next_token_logprobs
 
-        head, a = _continuation_token(tokenizer, WINNER_SUFFIX, " A")
-        _, b = _continuation_token(tokenizer, WINNER_SUFFIX, " B")
+        head, a = _continuation_token(tokenizer, suffix, " A")
+        _, b = _continuation_token(tokenizer, suffix, " B")
         flat = []
         for p, per in zip(prompts, texts):
             prompt_ids = tokenizer.encode(tokenizer.chat(p))  # once per prompt, not per sample

@@ -97,6 +97,23 @@ META_JUDGE_TEMPLATE = (
     '- Conclude with a clear statement of which judgment is better using the format: "Winner: [Judgement A | Judgement B]"'
 )
 
+# The evaluation's pairwise judge (mrjax.eval): which of two responses is better, answered in
+# the meta-judge's format so that it parses the same way (classify_pairwise). Every comparison
+# is asked in both orders, so a preference for one position cancels out.
+PAIRWISE_TEMPLATE = (
+    "Review the user's question and two responses to it. Determine which response is better: more helpful, "
+    "relevant, accurate and clear, as an expert would judge it. Do not let the order of the responses or "
+    "their length decide.\n"
+    "\n"
+    "User: {prompt}\n"
+    "Response A: {response_a}\n"
+    "Response B: {response_b}\n"
+    "\n"
+    "After examining the question and both responses:\n"
+    "- Briefly explain which response is better and why.\n"
+    '- Conclude with a clear statement of which response is better using the format: "Winner: [Response A | Response B]"'
+)
+
 # Self-instruct in the style of the Self-Rewarding paper: the model continues
 # a list of <task> examples with one new task. The paper uses 8 examples.
 SELF_INSTRUCT_NUM_EXAMPLES = 8
@@ -135,6 +152,11 @@ def fill_meta_judge_prompt(prompt: str, response: str, judgment_a: str, judgment
     return META_JUDGE_TEMPLATE.format(
         prompt=prompt, response=response, judgment_a=judgment_a, judgment_b=judgment_b
     )
+
+
+def fill_pairwise_prompt(prompt: str, response_a: str, response_b: str) -> str:
+    """The evaluation's pairwise prompt: response A (first position) against B."""
+    return PAIRWISE_TEMPLATE.format(prompt=prompt, response_a=response_a, response_b=response_b)
 
 
 def fill_self_instruct_prompt(examples: Sequence[str], num_examples: int = SELF_INSTRUCT_NUM_EXAMPLES) -> str:
@@ -213,14 +235,21 @@ _SCORE_RE = re.compile(
 _SCORE_LABEL_RE = re.compile(r"[*_]*(?<![A-Za-z])score" + _MD + r":", re.IGNORECASE)
 
 _WINNER_LABEL = r"(?<![A-Za-z])winner" + _MD + r":"
-_JUDGMENT_WORD = r"(?:judg(?:e)?ment\s*)"
-_WINNER_RE = re.compile(
-    _WINNER_LABEL + r"[\s*_\[(\"'`]*(?:the\s+)?" + _JUDGMENT_WORD + r"?"
-    r"(?P<letter>[AB])(?![A-Za-z0-9])"
-    # "A | B", "A or B", "A and B": the answer names both, so it is no answer.
-    r"(?![\s*_]*(?:\||/|&|,|\bor\b|\band\b)\s*" + _JUDGMENT_WORD + r"?[AB](?![A-Za-z0-9]))",
-    re.IGNORECASE,
-)
+
+
+def _winner_re(word: str) -> re.Pattern:
+    """``Winner: [the] [<word>] A|B`` (see the module docstring), for a word such as Judgement."""
+    return re.compile(
+        _WINNER_LABEL + r"[\s*_\[(\"'`]*(?:the\s+)?" + word + r"?"
+        r"(?P<letter>[AB])(?![A-Za-z0-9])"
+        # "A | B", "A or B", "A and B": the answer names both, so it is no answer.
+        r"(?![\s*_]*(?:\||/|&|,|\bor\b|\band\b)\s*" + word + r"?[AB](?![A-Za-z0-9]))",
+        re.IGNORECASE,
+    )
+
+
+_WINNER_RE = _winner_re(r"(?:judg(?:e)?ment\s*)")
+_PAIRWISE_WINNER_RE = _winner_re(r"(?:response\s*)")
 _WINNER_LABEL_RE = re.compile(_WINNER_LABEL, re.IGNORECASE)
 
 
@@ -247,14 +276,19 @@ def parse_judge_score(text: str, stats: ParseStats | None = None) -> float | Non
     return value
 
 
-def classify_meta_judgment(text: str) -> tuple[Status, Winner | None]:
+def classify_meta_judgment(text: str, pattern: re.Pattern = _WINNER_RE) -> tuple[Status, Winner | None]:
     """(status, winner): the winner is set only when status == "parsed"."""
-    matches = list(_WINNER_RE.finditer(text))
+    matches = list(pattern.finditer(text))
     if matches:
         return "parsed", matches[-1].group("letter").upper()  # type: ignore[return-value]
     if _WINNER_LABEL_RE.search(text):
         return "out_of_range", None
     return "unparseable", None
+
+
+def classify_pairwise(text: str) -> tuple[Status, Winner | None]:
+    """The pairwise judge's verdict, parsed by the meta-judge's rules with "Response" for "Judgement"."""
+    return classify_meta_judgment(text, _PAIRWISE_WINNER_RE)
 
 
 def parse_meta_judge(text: str, stats: ParseStats | None = None) -> Winner | None:

@@ -1,0 +1,62 @@
+"""python -m mrjax.eval --run <run_dir>: win rates, judge quality, meta-judge biases, report."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mrjax.eval.run import HUMAN_RANKINGS
+
+    p = argparse.ArgumentParser(prog="python -m mrjax.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="the run directory (run_dir of the loop's config)")
+    p.add_argument("--judge", default="", help="pairwise judge: a local HF directory or GGUF file "
+                                              "(default: the run's last model)")
+    p.add_argument("--prompts", default="", help="JSONL of prompts (default: <run>/prompts/held_out.jsonl)")
+    p.add_argument("--human", default=str(HUMAN_RANKINGS),
+                   help='JSONL of {"prompt", "responses": [...], "ranking": [...]} (default: the shipped set)')
+    p.add_argument("--max-prompts", type=int, default=0, help="evaluate on the first N prompts only (0 = all)")
+    p.add_argument("--judge-samples", type=int, default=0,
+                   help="judgments averaged per response for judge quality (default: the run's N)")
+    p.add_argument("--verdict", choices=("parse", "expected"), default="",
+                   help="how pairwise verdicts are read (default: the run's iteration.meta_judge_verdict)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from what is on disk; no model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mrjax").setLevel(logging.INFO)
+    args = _parser().parse_args(argv)
+    from mrjax.train import _user_errors, USER_ERRORS_EXIT
+
+    try:
+        if args.report_only:
+            from mrjax.eval.report import write_report
+
+            paths = write_report(args.run)
+            result = {k: str(v) for k, v in paths.items()}
+        else:
+            from mrjax.eval.run import EvalSettings, evaluate
+
+            settings = EvalSettings(prompts=args.prompts, human=args.human, judge=args.judge,
+                                    max_prompts=args.max_prompts, judge_samples=args.judge_samples,
+                                    verdict=args.verdict)
+            result = evaluate(args.run, settings, progress=not args.quiet)
+    except _user_errors() as err:
+        message = str(err) if not isinstance(err, FileNotFoundError) or not err.filename else \
+            f"{err.strerror}: {err.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERRORS_EXIT
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    from mrjax.train import _enable_compilation_cache
+
+    _enable_compilation_cache()
+    sys.exit(main())

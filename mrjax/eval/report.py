@@ -1,0 +1,423 @@
+"""The run's report: ``<run_dir>/report.md``, ``report.html`` (self-contained) and ``report/*.png``.
+
+Built from whatever the run directory holds: the loop's files give the cheap parts (response
+lengths, parse rates, the judge's score distribution, the meta-judge's biases) and are written
+after every iteration; ``eval/metrics.json`` (``python -m mrjax.eval``) adds win rates, judge
+agreement and Spearman correlations, and example answers.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrjax.data import read_jsonl, write_text
+from mrjax.eval import metrics as mx
+
+# Thresholds of the plain warnings.
+MIN_COMPARISONS = 30
+MIN_PARSE_RATE = 0.8
+MAX_TOP_SCORE_SHARE = 0.5
+MAX_POSITIONAL_BIAS = 70.0
+
+
+def _rows(path: Path) -> list[dict]:
+    return [raw for _, raw in read_jsonl(path)] if path.is_file() else []
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _mean(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def iteration_figures(where: Path) -> dict:
+    """The cheap figures of one iteration directory, from its files (any stage may be missing)."""
+    done = {p.stem: _json(p) for p in (where / ".done").glob("*.json")}
+    responses = _rows(where / "responses.jsonl")
+    judgments = _rows(where / "judgments.jsonl")
+    scores = [j["score"] for j in judgments if j.get("score") is not None]
+    out: dict[str, Any] = {
+        "responses": len(responses),
+        "mean_response_chars": _mean([len(r["response"]) for r in responses]),
+        "judgments": len(judgments),
+        "judge_parse_rate": done.get("judgments", {}).get("judge_parse_rate"),
+        "scores": scores,
+        "top_score_share": float(np.mean([s >= 4.5 for s in scores])) if scores else None,
+        "meta_judge_parse_rate": done.get("meta_judgments", {}).get("meta_judge_parse_rate"),
+        "actor_pairs": len(_rows(where / "actor_pairs.jsonl")),
+        "judge_pairs": len(_rows(where / "judge_pairs.jsonl")),
+        "wall_s": {k: v.get("wall_s") for k, v in sorted(done.items()) if k != "summary"},
+        "dpo_loss": done.get("train", {}).get("loss_mean"),
+        "complete": "summary" in done,
+    }
+    meta = _rows(where / "meta_judgments.jsonl")
+    if meta:
+        score_of = {(j["prompt_id"], j["k"], j["n"]): j.get("score") for j in judgments}
+        out["meta_judge"] = mx.meta_judge_biases(
+            [m["winner"] for m in meta],
+            [score_of.get((m["prompt_id"], m["k"], m["m"])) for m in meta],
+            [score_of.get((m["prompt_id"], m["k"], m["n"])) for m in meta])
+    return out
+
+
+def collect(root: Path) -> dict:
+    """Everything the report shows, as plain data (also written to ``report/figures.json``)."""
+    import yaml
+
+    config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
+    total = int(config.get("iteration", {}).get("iterations", 0))
+    iterations = {}
+    for t in range(1, total + 1):
+        where = root / f"iter_{t}"
+        if (where / "responses.jsonl").is_file():
+            iterations[t] = iteration_figures(where)
+    return {"config": config, "iterations_planned": total, "iterations": iterations,
+            "eft": _json(root / "eft" / "summary.json"), "eval": _json(root / "eval" / "metrics.json")}
+
+
+def warnings_for(data: dict) -> list[str]:
+    """Plain warnings where the numbers are weak."""
+    out = []
+    for w in data["eval"].get("win_rates", []):
+        name = f"M_{w['model']} vs M_{w['baseline']}"
+        if w["comparisons"] < MIN_COMPARISONS:
+            out.append(f"{name}: only {w['comparisons']} comparisons with a verdict (fewer than {MIN_COMPARISONS}); "
+                       "the win rate is a rough estimate")
+        if not (math.isnan(w["ci_low"]) or math.isnan(w["ci_high"])) and w["ci_low"] < 50 < w["ci_high"]:
+            out.append(f"{name}: the 95% interval [{w['ci_low']:.1f}, {w['ci_high']:.1f}] contains 50%; "
+                       "no difference is shown")
+        if w.get("pairwise_parse_rate") is not None and w["pairwise_parse_rate"] < MIN_PARSE_RATE:
+            out.append(f"{name}: the pairwise judge's verdict parsed in {100 * w['pairwise_parse_rate']:.0f}% of "
+                       f"calls (under {100 * MIN_PARSE_RATE:.0f}%)")
+    for t, it in data["iterations"].items():
+        if it["judge_parse_rate"] is not None and it["judge_parse_rate"] < MIN_PARSE_RATE:
+            out.append(f"iteration {t}: judge parse rate {100 * it['judge_parse_rate']:.0f}% "
+                       f"(under {100 * MIN_PARSE_RATE:.0f}%)")
+        if it["meta_judge_parse_rate"] is not None and it["meta_judge_parse_rate"] < MIN_PARSE_RATE:
+            out.append(f"iteration {t}: meta-judge parse rate {100 * it['meta_judge_parse_rate']:.0f}% "
+                       f"(under {100 * MIN_PARSE_RATE:.0f}%)")
+        if it["top_score_share"] is not None and it["top_score_share"] > MAX_TOP_SCORE_SHARE:
+            out.append(f"iteration {t}: the judge gave 5 to {100 * it['top_score_share']:.0f}% of the responses "
+                       f"(more than half): its scores separate little")
+        bias = it.get("meta_judge", {}).get("positional_bias")
+        if bias is not None and not math.isnan(bias) and bias > MAX_POSITIONAL_BIAS:
+            out.append(f"iteration {t}: the meta-judge picked the first position in {bias:.0f}% of its verdicts "
+                       f"(above {MAX_POSITIONAL_BIAS:.0f}%)")
+    for t, j in data["eval"].get("judges", {}).items():
+        if j.get("parse_rate") is not None and j["parse_rate"] < MIN_PARSE_RATE:
+            out.append(f"M_{t} as judge (evaluation): parse rate {100 * j['parse_rate']:.0f}% "
+                       f"(under {100 * MIN_PARSE_RATE:.0f}%)")
+    return out
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_score_distribution(data: dict, path: Path) -> Path | None:
+    """Kernel density of the judge's scores, one curve per iteration (the papers' figure)."""
+    series = {t: it["scores"] for t, it in data["iterations"].items() if it["scores"]}
+    if not series:
+        return None
+    plt, fig, ax = _figure()
+    grid = np.linspace(-0.5, 5.5, 241)
+    for t, scores in series.items():
+        ax.plot(grid, mx.gaussian_kde(scores, grid), label=f"iteration {t} (n={len(scores)})")
+    ax.set_xlabel("judge score (0-5)")
+    ax.set_ylabel("density")
+    ax.set_title("Judge score distribution per iteration")
+    ax.set_xlim(-0.5, 5.5)
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_lengths(data: dict, path: Path) -> Path | None:
+    loop = {t: it["mean_response_chars"] for t, it in data["iterations"].items() if it["mean_response_chars"]}
+    held_out = {int(t): a["mean_chars"] for t, a in data["eval"].get("actor", {}).items() if a["mean_chars"]}
+    if not loop and not held_out:
+        return None
+    plt, fig, ax = _figure()
+    if loop:
+        ax.plot(list(loop), list(loop.values()), "o-", label="training prompts: M_(t-1)'s responses in iteration t")
+    if held_out:
+        ax.plot(list(held_out), list(held_out.values()), "s--", label="held-out prompts: M_t's answers")
+    ax.set_xlabel("iteration t")
+    ax.set_ylabel("mean response length (characters)")
+    ax.set_title("Response length per iteration")
+    ax.set_xticks(sorted(set(loop) | set(held_out)))
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_win_rates(data: dict, path: Path) -> Path | None:
+    rates = data["eval"].get("win_rates", [])
+    if not rates:
+        return None
+    plt, fig, ax = _figure()
+    for label, keep, marker in (("win rate vs M_0", lambda w: w["baseline"] == 0, "o-"),
+                                ("win rate vs M_(t-1)", lambda w: w["baseline"] == w["model"] - 1 and w["baseline"] > 0,
+                                 "s-")):
+        rows = [w for w in rates if keep(w)]
+        if rows:
+            x = [w["model"] for w in rows]
+            y = [w["win_rate"] for w in rows]
+            err = [[max(w["win_rate"] - w["ci_low"], 0) for w in rows], [max(w["ci_high"] - w["win_rate"], 0)
+                                                                          for w in rows]]
+            ax.errorbar(x, y, yerr=err, fmt=marker, capsize=4, label=f"{label} (95% bootstrap interval)")
+    lc = [w for w in rates if w["baseline"] == 0]
+    ax.plot([w["model"] for w in lc], [w["lc_win_rate"] for w in lc], "d:", label="length-controlled win rate vs M_0")
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("iteration t (model M_t)")
+    ax.set_ylabel("win rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(sorted({w["model"] for w in rates}))
+    ax.set_title("Actor: head-to-head win rate")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_biases(data: dict, path: Path) -> Path | None:
+    rows = {t: it["meta_judge"] for t, it in data["iterations"].items() if "meta_judge" in it}
+    if not rows:
+        return None
+    plt, fig, ax = _figure()
+    ts = list(rows)
+    for key, label, marker in (("score_bias", "score bias: prefers the higher-scored judgment", "o-"),
+                               ("positional_bias", "positional bias: picks the first position", "s-"),
+                               ("positional_bias_equal_scores", "positional bias, equal scores", "^:"),
+                               ("positional_bias_unequal_scores", "positional bias, unequal scores", "v:")):
+        ax.plot(ts, [rows[t][key] for t in ts], marker, label=label)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("iteration t")
+    ax.set_ylabel("% of meta-judge verdicts")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(ts)
+    ax.set_title("Meta-judge biases per iteration")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _f(v: Any, digits: int = 1, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:.0f}%" if pct else f"{v:.{digits}f}"
+    return str(v)
+
+
+def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> list[tuple]:
+    """The report as blocks: ("h", level, text), ("p", text), ("list", items), ("table", head, rows),
+    ("img", path, caption), ("pairs", head, rows) for side-by-side answers."""
+    cfg, its, ev = data["config"], data["iterations"], data["eval"]
+    it_cfg, model = cfg.get("iteration", {}), cfg.get("model", {})
+    b: list[tuple] = [("h", 1, f"mrjax report: {root.name}")]
+    done = [t for t, it in its.items() if it["complete"]]
+    b.append(("p", f"Run directory `{root}`. Mode {cfg.get('mode', '?')}, model {model.get('name', '?')} "
+                   f"({model.get('dtype', '?')}); {len(done)} of {data['iterations_planned']} iterations complete. "
+                   f"Per iteration {it_cfg.get('prompts_per_iteration')} prompts, K={it_cfg.get('responses_per_prompt')} "
+                   f"responses each, N={it_cfg.get('judgments_per_response')} judgments per response; judge scores "
+                   f"by {it_cfg.get('judge_score')}, meta-judge verdicts by {it_cfg.get('meta_judge_verdict')}."))
+    warnings = warnings_for(data)
+    missing = ev.get("missing", [])
+    if warnings or missing:
+        b.append(("h", 2, "Warnings"))
+        b.append(("list", [f"missing: {m}" for m in missing] + warnings))
+    eft = data["eft"]
+    if eft:
+        before, after = eft.get("before", {}), eft.get("after", {})
+        b.append(("h", 2, "EFT"))
+        b.append(("table", ["", "before EFT", "after EFT"], [
+            ["judge parse rate (held-out rows)", _f(before.get("judge_parse_rate"), pct=True),
+             _f(after.get("judge_parse_rate"), pct=True)],
+            ["judge mean abs. error", _f(before.get("judge_mean_abs_error"), 2), _f(after.get("judge_mean_abs_error"), 2)],
+            ["meta-judge parse rate", _f(before.get("meta_judge_parse_rate"), pct=True),
+             _f(after.get("meta_judge_parse_rate"), pct=True)],
+        ]))
+    if its:
+        b.append(("h", 2, "Iterations"))
+        b.append(("table", ["iteration", "responses", "mean chars", "judge parse", "score mean", "5s given",
+                            "meta parse", "actor pairs", "judge pairs", "DPO loss", "wall (s)"],
+                  [[str(t), str(it["responses"]), _f(it["mean_response_chars"], 0), _f(it["judge_parse_rate"], pct=True),
+                    _f(_mean(it["scores"]), 2), _f(it["top_score_share"], pct=True),
+                    _f(it["meta_judge_parse_rate"], pct=True), str(it["actor_pairs"]), str(it["judge_pairs"]),
+                    _f(it["dpo_loss"], 3), _f(float(sum(v or 0 for v in it["wall_s"].values())), 0)]
+                   for t, it in its.items()]))
+        stages = sorted({s for it in its.values() for s in it["wall_s"]})
+        b.append(("table", ["wall time (s)"] + stages,
+                  [[f"iteration {t}"] + [_f(it["wall_s"].get(s), 0) for s in stages] for t, it in its.items()]))
+    if ev.get("win_rates"):
+        b.append(("h", 2, "Actor: win rates on held-out prompts"))
+        b.append(("p", f"Judge: `{ev['judge']}` (pairwise, both orders; ties and order disagreements count 0.5; "
+                       f"verdicts by {ev['verdict']}). {ev['prompts']} prompts. M_0 = `{ev['models']['0']}`."))
+        b.append(("table", ["model", "baseline", "comparisons", "win rate", "95% interval", "LC win rate",
+                            "orders agree", "verdict parse"],
+                  [[f"M_{w['model']}", f"M_{w['baseline']}", str(w["comparisons"]), _f(w["win_rate"]) + "%",
+                    f"[{_f(w['ci_low'])}, {_f(w['ci_high'])}]", _f(w["lc_win_rate"]) + "%", _f(w["order_agreement"], 0) + "%",
+                    _f(w["pairwise_parse_rate"], pct=True)] for w in ev["win_rates"]]))
+    if ev.get("actor"):
+        b.append(("table", ["model", "mean answer length (chars)"],
+                  [[f"M_{t}", _f(a["mean_chars"], 0)] for t, a in ev["actor"].items()]))
+    if ev.get("judges"):
+        b.append(("h", 2, "Judge quality"))
+        b.append(("p", f"Each M_t as judge (N={ev['judge_samples']} samples averaged) on the {ev['prompts']} "
+                       f"(M_T, M_0) answer pairs, against the pairwise judge's preferences, and on "
+                       f"{ev['human_prompts']} human-ranked prompts (Spearman's rho with ties, mean over prompts)."))
+        rows = []
+        for t, j in ev["judges"].items():
+            a = j.get("agreement", {})
+            rows.append([f"M_{t}", _f(j["parse_rate"], pct=True), _f(a.get("with_ties")) + ("%" if a else ""),
+                         _f(a.get("ties_dropped")) + ("%" if a.get("pairs_without_ties") else ""),
+                         str(a.get("pairs_without_ties", "-")), _f(j["spearman"], 3), str(j["spearman_prompts"])])
+        b.append(("table", ["judge", "parse rate", "agreement (ties 0.5)", "agreement (ties dropped)",
+                            "pairs w/o ties", "Spearman", "prompts"], rows))
+    meta = {t: it["meta_judge"] for t, it in its.items() if "meta_judge" in it}
+    if meta:
+        b.append(("h", 2, "Meta-judge biases"))
+        b.append(("table", ["iteration", "verdicts", "score bias", "positional bias", "positional (equal scores)",
+                            "positional (unequal scores)", "equal / unequal calls"],
+                  [[str(t), str(m["verdicts"]), _f(m["score_bias"]) + "%", _f(m["positional_bias"]) + "%",
+                    _f(m["positional_bias_equal_scores"]) + "%", _f(m["positional_bias_unequal_scores"]) + "%",
+                    f"{m['equal_score_calls']} / {m['unequal_score_calls']}"] for t, m in meta.items()]))
+    captions = {"score_distribution": "Judge score distribution per iteration (kernel density).",
+                "response_length": "Mean response length per iteration.",
+                "win_rates": "Win rate and length-controlled win rate per iteration, with 95% bootstrap intervals.",
+                "meta_judge_biases": "Meta-judge score and positional biases per iteration."}
+    shown = [(name, path) for name, path in pictures.items() if path is not None]
+    if shown:
+        b.append(("h", 2, "Pictures"))
+        b += [("img", path, captions[name]) for name, path in shown]
+    examples = example_pairs(root, ev)
+    if examples:
+        last = max(int(t) for t in ev["models"])
+        b.append(("h", 2, f"Examples: M_0 and M_{last} side by side"))
+        b.append(("pairs", ["prompt", "M_0", f"M_{last}"], examples))
+    return b
+
+
+def example_pairs(root: Path, ev: dict, count: int = 3) -> list[list[str]]:
+    if not ev.get("models"):
+        return []
+    last = max(int(t) for t in ev["models"])
+    first, final = _rows(root / "eval" / "answers_m0.jsonl"), _rows(root / "eval" / f"answers_m{last}.jsonl")
+    return [[a["prompt"], a["response"], z["response"]] for a, z in list(zip(first, final))[:count]] if last else []
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def to_markdown(blocks: list[tuple], root: Path) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append("#" * block[1] + " " + block[2])
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind in ("table", "pairs"):
+            head, rows = block[1], block[2]
+            out.append("\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] +
+                                 ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]))
+        elif kind == "img":
+            out.append(f"![{block[2]}]({block[1].relative_to(root).as_posix()})\n\n*{block[2]}*")
+    return "\n\n".join(out) + "\n"
+
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+table.pairs td { white-space: pre-wrap; width: 33%; }
+ul.warnings li { color: #8a4b00; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+code { background: #f4f4f4; padding: 0 3px; }
+"""
+
+
+def _html_text(text: str) -> str:
+    """Escaped text; `code` spans kept."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(blocks: list[tuple]) -> str:
+    title = next((b[2] for b in blocks if b[0] == "h"), "mrjax report")
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{HTML_STYLE}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"<h{block[1]}>{_html_text(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{_html_text(block[1])}</p>")
+        elif kind == "list":
+            out.append("<ul class='warnings'>" + "".join(f"<li>{_html_text(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind in ("table", "pairs"):
+            cls = " class='pairs'" if kind == "pairs" else ""
+            out.append(f"<table{cls}><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block[1]) + "</tr>" +
+                       "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
+                       + "</table>")
+        elif kind == "img":
+            data = base64.b64encode(block[1].read_bytes()).decode()
+            out.append(f"<figure><img alt='{html.escape(block[2])}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(root: str | Path) -> dict[str, Path]:
+    """Write report.md, report.html, report/*.png and report/figures.json from the run directory."""
+    root = Path(root)
+    data = collect(root)
+    pictures_dir = root / "report"
+    pictures = {
+        "score_distribution": plot_score_distribution(data, pictures_dir / "score_distribution.png"),
+        "response_length": plot_lengths(data, pictures_dir / "response_length.png"),
+        "win_rates": plot_win_rates(data, pictures_dir / "win_rates.png"),
+        "meta_judge_biases": plot_biases(data, pictures_dir / "meta_judge_biases.png"),
+    }
+    blocks = build_blocks(root, data, pictures)
+    figures = {**data, "iterations": {t: {k: v for k, v in it.items() if k != "scores"}
+                                      for t, it in data["iterations"].items()}, "warnings": warnings_for(data)}
+    write_text(pictures_dir / "figures.json", json.dumps(figures, indent=1, sort_keys=True, default=str) + "\n")
+    md = write_text(root / "report.md", to_markdown(blocks, root))
+    page = write_text(root / "report.html", to_html(blocks))
+    return {"md": md, "html": page, **{k: v for k, v in pictures.items() if v is not None}}
+
+
+__all__ = ["collect", "iteration_figures", "to_html", "to_markdown", "warnings_for", "write_report"]
