@@ -160,8 +160,9 @@ class LoopResult:
 class MetaRewardingRun:
     """One run directory; ``run()`` does (or finishes) the whole loop."""
 
-    def __init__(self, config: Config, progress: bool = True, force_config: bool = False):
+    def __init__(self, config: Config, progress: bool = True, force_config: bool = False, report: bool = True):
         self.config, self.progress, self.force_config = config, progress, force_config
+        self.report = report  # write report.md / report.html after every iteration (mrjax.eval.report)
         self.root = Path(config.run_dir)
         self.it = config.iteration
         self.meta_judging = config.mode == "meta_rewarding"
@@ -534,7 +535,18 @@ class MetaRewardingRun:
             stage("meta_judgments", lambda: self.stage_meta_judgments(t, where, source))
             stage("judge_pairs", lambda: self.stage_judge_pairs(t, where))
         stage("train", lambda: self.stage_train(t, where, source))
-        return self._stage_summary(t, where, judge_training)
+        summary = self._stage_summary(t, where, judge_training)
+        if self.report:
+            self.write_report()
+        return summary
+
+    def write_report(self) -> None:
+        """The cheap part of the evaluation (lengths, parse rates, score distribution, biases), so the
+        report grows while the run goes; ``python -m mrjax.eval`` adds win rates and judge quality."""
+        from mrjax.eval.report import write_report
+
+        paths = write_report(self.root)
+        log.info("report: %s (%s)", paths["md"], paths["html"])
 
     # ------------------------------------------------------------------ step 2: actor
 
@@ -885,9 +897,10 @@ def print_table(summary: dict) -> None:
     print(format_table(summary), file=sys.stderr, flush=True)
 
 
-def run_loop(config: Config, progress: bool = True, force_config: bool = False) -> LoopResult:
-    """Run (or resume) the Meta-Rewarding / Self-Rewarding loop of ``config`` in ``config.run_dir``."""
-    return MetaRewardingRun(config, progress=progress, force_config=force_config).run()
+def run_loop(config: Config, progress: bool = True, force_config: bool = False, report: bool = True) -> LoopResult:
+    """Run (or resume) the Meta-Rewarding / Self-Rewarding loop of ``config`` in ``config.run_dir``;
+    ``report=False`` skips the report written after every iteration."""
+    return MetaRewardingRun(config, progress=progress, force_config=force_config, report=report).run()
 
 
 __all__ = ["LoopResult", "MetaRewardingRun", "check_config", "config_changes", "format_table", "iteration_summary",

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-6 mesh.fsdp=2")
     p.add_argument("--no-export", action="store_true", help="skip writing run_dir/hf at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-eval", action="store_true",
+                   help="loop modes: do not write report.md / report.html after each iteration")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, data files and model shapes without loading weights or training")
     p.add_argument("--force-config", action="store_true",
@@ -60,7 +62,8 @@ def run(argv: list[str] | None = None) -> dict:
 
         check_config(config)  # before jax.distributed and any model: bad input fails fast
         initialize_distributed()
-        result = run_loop(config, progress=not args.quiet, force_config=args.force_config)
+        result = run_loop(config, progress=not args.quiet, force_config=args.force_config,
+                          report=not args.no_eval)
         return {"run_dir": str(result.run_dir), "mode": config.mode, "final_model": str(result.final_model),
                 "already_complete": result.already_complete, "iterations": result.summaries}
     if not config.train.pairs:

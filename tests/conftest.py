@@ -60,3 +60,14 @@ def smol_hf_dir(hf_smol, smol, tmp_path_factory):
     hf_smol.save_pretrained(str(directory))
     smol[1].hf.save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config's whole loop (EFT + 2 iterations) through the CLI: (run_dir, completed process)."""
+    from loop_helpers import TINY, run_cli
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    done = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return run_dir, done

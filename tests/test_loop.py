@@ -1,36 +1,17 @@
 """The Meta-Rewarding loop end to end on the tiny-random model: files, rules, resume after SIGKILL,
 the Self-Rewarding switch, config checks and errors (exit status 2)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import single_device_mesh
+from loop_helpers import REPO, TINY, rows, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
 STAGE_FILES = ("prompts.jsonl", "responses.jsonl", "judgments.jsonl", "actor_pairs.jsonl")
 JUDGE_FILES = ("meta_judgments.jsonl", "judge_pairs.jsonl")
-# XLA's persistent cache shared by this module's runs (a resumed run reuses the compiled programs).
-XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
-
-
-def run_cli(*args, fault=None, timeout=900):
-    """``python -m mrjax.train`` in a fresh process (one CPU device: the loop's sharded paths are
-    the model's and sampler's, tested on 8 devices elsewhere), optionally armed to SIGKILL itself."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), MRJAX_COMPILATION_CACHE=str(XLA_CACHE))
-    env.pop("XLA_FLAGS", None)
-    env.pop("MRJAX_FAULT", None)
-    if fault:
-        env["MRJAX_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "mrjax.train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def main_in_process(capsys, *args):
@@ -40,18 +21,6 @@ def main_in_process(capsys, *args):
     status = train_cli.main(list(args))
     out = capsys.readouterr()
     return status, out.out, out.err
-
-
-def rows(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    done = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return run_dir, done
 
 
 @pytest.mark.slow

@@ -100,13 +100,18 @@ def warnings_for(data: dict) -> list[str]:
         if w.get("pairwise_parse_rate") is not None and w["pairwise_parse_rate"] < MIN_PARSE_RATE:
             out.append(f"{name}: the pairwise judge's verdict parsed in {100 * w['pairwise_parse_rate']:.0f}% of "
                        f"calls (under {100 * MIN_PARSE_RATE:.0f}%)")
+    it_cfg = data["config"].get("iteration", {})
+    by_expectation = " (scores were read by expectation, not from the text)"
     for t, it in data["iterations"].items():
         if it["judge_parse_rate"] is not None and it["judge_parse_rate"] < MIN_PARSE_RATE:
             out.append(f"iteration {t}: judge parse rate {100 * it['judge_parse_rate']:.0f}% "
-                       f"(under {100 * MIN_PARSE_RATE:.0f}%)")
+                       f"(under {100 * MIN_PARSE_RATE:.0f}%)"
+                       + (by_expectation if it_cfg.get("judge_score") == "expected" else ""))
         if it["meta_judge_parse_rate"] is not None and it["meta_judge_parse_rate"] < MIN_PARSE_RATE:
             out.append(f"iteration {t}: meta-judge parse rate {100 * it['meta_judge_parse_rate']:.0f}% "
-                       f"(under {100 * MIN_PARSE_RATE:.0f}%)")
+                       f"(under {100 * MIN_PARSE_RATE:.0f}%)"
+                       + (by_expectation.replace("scores", "verdicts") if it_cfg.get("meta_judge_verdict") == "expected"
+                          else ""))
         if it["top_score_share"] is not None and it["top_score_share"] > MAX_TOP_SCORE_SHARE:
             out.append(f"iteration {t}: the judge gave 5 to {100 * it['top_score_share']:.0f}% of the responses "
                        f"(more than half): its scores separate little")
@@ -172,7 +177,9 @@ def plot_lengths(data: dict, path: Path) -> Path | None:
     ax.set_xlabel("iteration t")
     ax.set_ylabel("mean response length (characters)")
     ax.set_title("Response length per iteration")
-    ax.set_xticks(sorted(set(loop) | set(held_out)))
+    ticks = sorted(set(loop) | set(held_out))
+    ax.set_xticks(ticks)
+    ax.set_xlim(ticks[0] - 0.3, ticks[-1] + 0.3)
     ax.set_ylim(bottom=0)
     ax.legend()
     return _save(plt, fig, path)
@@ -198,8 +205,10 @@ def plot_win_rates(data: dict, path: Path) -> Path | None:
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("iteration t (model M_t)")
     ax.set_ylabel("win rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_xticks(sorted({w["model"] for w in rates}))
+    ax.set_ylim(-3, 103)  # room for intervals that reach 0 or 100
+    ticks = sorted({w["model"] for w in rates})
+    ax.set_xticks(ticks)
+    ax.set_xlim(ticks[0] - 0.4, ticks[-1] + 0.4)
     ax.set_title("Actor: head-to-head win rate")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
@@ -219,8 +228,9 @@ def plot_biases(data: dict, path: Path) -> Path | None:
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("iteration t")
     ax.set_ylabel("% of meta-judge verdicts")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-3, 103)
     ax.set_xticks(ts)
+    ax.set_xlim(ts[0] - 0.6, ts[-1] + 0.6)
     ax.set_title("Meta-judge biases per iteration")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)

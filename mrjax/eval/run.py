@@ -3,13 +3,15 @@
     python -m mrjax.eval --run runs/smollm2 [--judge <hf dir | gguf>] [--prompts <jsonl>] [--human <jsonl>]
 
 Stages, each cached in ``<run_dir>/eval/`` like the loop's (``.done/<stage>.json`` markers,
-generation shards reused on a re-run):
+generation shards reused on a re-run; the names say what a result depends on, so evaluating
+again after more iterations reuses what is still valid):
 
-  answers_m<t>       each M_t answers the held-out prompts (one sample, the actor's settings)
-  pairwise_m<t>_m<b> the pairwise judge compares M_t's answer with M_b's, in both orders
-  judge_m<t>         M_t as judge scores (N samples averaged) both answers of every (M_T, M_0)
-                     comparison and every response of the human-ranking set
-  metrics            the numbers (mrjax.eval.metrics), then the report (mrjax.eval.report)
+  answers_m<t>                each M_t answers the held-out prompts (one sample, the actor's settings)
+  pairwise_m<t>_m<b>_by_<J>   judge J compares M_t's answer with M_b's, in both orders
+  judge_m<t>_on_m<T>_m0       M_t as judge scores (N samples averaged) both answers of every
+                              (M_T, M_0) comparison: agreement with J's preferences
+  human_m<t>                  M_t as judge scores every response of the human-ranking set
+then the numbers (mrjax.eval.metrics, written to eval/metrics.json) and the report (mrjax.eval.report).
 
 M_0 is the model iteration 1 started from (the EFT model when EFT ran, else config.model.name).
 """
@@ -20,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +95,14 @@ class Evaluation:
     """The evaluation of one run directory; ``run()`` computes (or finishes) it and writes the report."""
 
     def __init__(self, run_dir: str | Path, settings: EvalSettings = EvalSettings(), progress: bool = True):
+        self.given = settings
         from mrjax.loop import MetaRewardingRun
 
         self.root = Path(run_dir)
         if not (self.root / "config.yaml").is_file():
             raise FileNotFoundError(f"{self.root}: not a run directory (no config.yaml)")
-        self.config = load_config(self.root / "config.yaml")
+        # run_dir is the directory given (the run may have been moved or copied since it was started)
+        self.config = dataclasses.replace(load_config(self.root / "config.yaml"), run_dir=str(self.root))
         self.where = self.root / "eval"
         self.models, self.missing = run_models(self.root, self.config)
         it = self.config.iteration
@@ -133,7 +138,7 @@ class Evaluation:
             if not str(source).startswith(str(self.root)):
                 model_config(source)
         path = self.where / "settings.json"
-        current = {k: str(v) for k, v in dataclasses.asdict(s).items()}
+        current = {k: str(v) for k, v in dataclasses.asdict(self.given).items()}
         if path.is_file():
             from mrjax.loop import config_changes
 
@@ -165,9 +170,17 @@ class Evaluation:
         self.stage(f"answers_m{t}", make)
         return _rows(path)
 
+    def judge_id(self) -> str:
+        """``m<t>`` when the pairwise judge is one of the run's models, else a tag of its path."""
+        for t, source in self.models:
+            if str(source) == str(self.settings.judge):
+                return f"m{t}"
+        return f"ext{zlib.crc32(str(Path(self.settings.judge).expanduser().resolve()).encode()):08x}"
+
     def pairwise(self, t: int, b: int, answers: dict[int, list[dict]]) -> list[dict]:
         """M_t against M_b on every prompt, both orders; rows carry the per-prompt preference."""
-        path = self.where / f"pairwise_m{t}_m{b}.jsonl"
+        name = f"pairwise_m{t}_m{b}_by_{self.judge_id()}"
+        path = self.where / f"{name}.jsonl"
 
         def make():
             it, model_rows, base_rows = self.it, answers[t], answers[b]
@@ -177,7 +190,7 @@ class Evaluation:
                 prompts.append(roles.fill_pairwise_prompt(m["prompt"], r["response"], m["response"]))  # model is B
             expected = self.settings.verdict == "expected"
             score = functools.partial(self.loop._expected_verdicts, suffix=PAIRWISE_SUFFIX) if expected else None
-            out = self.loop.generate_sharded(self.where / "shards" / f"pairwise_m{t}_m{b}",
+            out = self.loop.generate_sharded(self.where / "shards" / name,
                                              f"eval pairwise M_{t} vs M_{b}", self.settings.judge, prompts, 1,
                                              it.meta_judge_temperature, it.meta_judge_top_p,
                                              it.meta_judge_max_new_tokens, ("eval_pairwise", t, b, self.settings.seed),
@@ -202,20 +215,20 @@ class Evaluation:
             write_jsonl(path, rows)
             return {"comparisons": len(rows), **stats.as_dict("pairwise_")}
 
-        self.stage(f"pairwise_m{t}_m{b}", make)
+        self.stage(name, make)
         return _rows(path)
 
-    def judge_scores(self, t: int, source: str, items: list[tuple[str, str]]) -> list[dict]:
+    def judge_scores(self, name: str, t: int, source: str, items: list[tuple[str, str]]) -> list[dict]:
         """M_t as judge: N sampled judgments of each (question, response); per item the mean valid score."""
-        path = self.where / f"judge_m{t}.jsonl"
+        path = self.where / f"{name}.jsonl"
 
         def make():
             it, n = self.it, self.settings.judge_samples
             expected = it.judge_score == "expected"
             prompts = [roles.fill_judge_prompt(q, r) for q, r in items]
-            out = self.loop.generate_sharded(self.where / "shards" / f"judge_m{t}", f"eval judge M_{t}", source,
+            out = self.loop.generate_sharded(self.where / "shards" / name, f"eval {name}", source,
                                              prompts, n, it.judge_temperature, it.judge_top_p, it.judge_max_new_tokens,
-                                             ("eval_judge", t, self.settings.seed),
+                                             ("eval_judge", name, self.settings.seed),
                                              self.loop._expected_scores if expected else None)
             rows, stats = [], roles.ParseStats()
             for per in out:
@@ -230,7 +243,7 @@ class Evaluation:
             write_jsonl(path, rows)
             return {"items": len(rows), **stats.as_dict("judge_")}
 
-        self.stage(f"judge_m{t}", make)
+        self.stage(name, make)
         return _rows(path)
 
     # ------------------------------------------------------------------ run
@@ -244,27 +257,30 @@ class Evaluation:
         last = ts[-1]
         comparisons = sorted({(t, 0) for t in ts if t > 0} | {(t, t - 1) for t in ts if t > 0 and t - 1 in ts})
         pairwise = {(t, b): self.pairwise(t, b, answers) for t, b in comparisons}
-        # Judge quality items: both answers of each (M_T, M_0) comparison, then the human-ranking set.
-        items = ([(a["prompt"], a["response"]) for a in answers[last]] +
-                 [(a["prompt"], a["response"]) for a in answers[0]]) if last > 0 else []
-        items += [(h["prompt"], r) for h in self.human for r in h["responses"]]
-        judged = {t: self.judge_scores(t, source, items) for t, source in reversed(self.models)}
-        result = self.stage("metrics", lambda: self.metrics(answers, pairwise, judged))
+        # Judge quality: both answers of each (M_T, M_0) comparison, and the human-ranking set.
+        pair_items = [(a["prompt"], a["response"]) for a in answers[last] + answers[0]] if last > 0 else []
+        human_items = [(h["prompt"], r) for h in self.human for r in h["responses"]]
+        judged, humans = {}, {}
+        for t, source in reversed(self.models):  # M_T first: it is the model loaded last
+            if pair_items:
+                judged[t] = self.judge_scores(f"judge_m{t}_on_m{last}_m0", t, source, pair_items)
+            if human_items:
+                humans[t] = self.judge_scores(f"human_m{t}", t, source, human_items)
+        result = self.metrics(answers, pairwise, judged, humans)  # cheap: recomputed every time
         from mrjax.eval.report import write_report
 
         paths = write_report(self.root)
-        result = {k: v for k, v in result.items() if k != "wall_s"}
         return {"run_dir": str(self.root), "report": str(paths["md"]), "html": str(paths["html"]),
                 "missing": self.missing, **result}
 
-    def metrics(self, answers, pairwise, judged) -> dict:
+    def metrics(self, answers, pairwise, judged, humans) -> dict:
         ts = [t for t, _ in self.models]
         last, n_prompts = ts[-1], len(self.prompts)
+        done = {p.stem: json.loads(p.read_text()) for p in (self.where / ".done").glob("*.json")}
         out: dict[str, Any] = {"models": {str(t): src for t, src in self.models}, "missing": self.missing,
                                "judge": self.settings.judge, "prompts": n_prompts, "verdict": self.settings.verdict,
                                "judge_samples": self.settings.judge_samples, "human_prompts": len(self.human)}
         out["actor"] = {str(t): {"mean_chars": _mean([len(a["response"]) for a in answers[t]])} for t in ts}
-        done = {p.stem: json.loads(p.read_text()) for p in (self.where / ".done").glob("*.json")}
         out["win_rates"] = []
         for (t, b), rows in sorted(pairwise.items()):
             prefs = [r["preference"] for r in rows]
@@ -276,32 +292,32 @@ class Evaluation:
                 "lc_win_rate": mx.length_controlled_win_rate(prefs, [r["model_chars"] for r in rows],
                                                              [r["baseline_chars"] for r in rows]),
                 "order_agreement": _order_agreement(rows),
-                "pairwise_parse_rate": done[f"pairwise_m{t}_m{b}"].get("pairwise_parse_rate"),
+                "pairwise_parse_rate": done[f"pairwise_m{t}_m{b}_by_{self.judge_id()}"].get("pairwise_parse_rate"),
             })
-        judges = {}
-        k = len(answers[last]) if last > 0 else 0
         reference = [r["preference"] for r in pairwise.get((last, 0), [])]
+        judges = {}
         for t in ts:
-            scores = [r["score"] for r in judged[t]]
-            entry: dict[str, Any] = {"parse_rate": done[f"judge_m{t}"].get("judge_parse_rate"),
-                                     "scores": [s for r in judged[t] for s in r["scores"]]}
-            if k:
-                mine = [mx.preference_from_scores(_nan(a), _nan(b)) for a, b in zip(scores[:k], scores[k:2 * k])]
+            entry: dict[str, Any] = {}
+            stats = [done[name] for name in (f"judge_m{t}_on_m{last}_m0", f"human_m{t}") if name in done]
+            total = sum(s.get("judge_total", 0) for s in stats)
+            entry["parse_rate"] = sum(s.get("judge_parsed", 0) for s in stats) / total if total else None
+            if t in judged:
+                scores = [r["score"] for r in judged[t]]
+                k = len(scores) // 2  # the M_T answers, then the M_0 answers
+                mine = [mx.preference_from_scores(_nan(a), _nan(b)) for a, b in zip(scores[:k], scores[k:])]
                 entry["agreement"] = mx.agreement(mine, reference)
-            rhos, start = [], 2 * k
-            for h in self.human:
-                got = scores[start:start + len(h["responses"])]
+            rhos, start = [], 0
+            for h in self.human if t in humans else []:
+                got = [r["score"] for r in humans[t][start:start + len(h["responses"])]]
                 start += len(h["responses"])
                 if all(s is not None for s in got):
                     rhos.append(mx.spearman(got, [-r for r in h["ranking"]]))  # rank 1 is best
             rhos = [r for r in rhos if not math.isnan(r)]
-            entry["spearman"] = _mean(rhos)
-            entry["spearman_prompts"] = len(rhos)
+            entry["spearman"], entry["spearman_prompts"] = _mean(rhos), len(rhos)
             judges[str(t)] = entry
         out["judges"] = judges
         write_text(self.where / "metrics.json", json.dumps(out, indent=1, sort_keys=True) + "\n")
-        return {"win_rates": out["win_rates"],
-                "judges": {t: {k2: v for k2, v in e.items() if k2 != "scores"} for t, e in judges.items()}}
+        return {"win_rates": out["win_rates"], "judges": judges}
 
 
 def _order_agreement(rows: list[dict]) -> float | None:
