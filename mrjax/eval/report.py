@@ -99,7 +99,9 @@ def warnings_for(data: dict) -> list[str]:
                        "no difference is shown")
         if w.get("pairwise_parse_rate") is not None and w["pairwise_parse_rate"] < MIN_PARSE_RATE:
             out.append(f"{name}: the pairwise judge's verdict parsed in {100 * w['pairwise_parse_rate']:.0f}% of "
-                       f"calls (under {100 * MIN_PARSE_RATE:.0f}%)")
+                       f"calls (under {100 * MIN_PARSE_RATE:.0f}%)"
+                       + (" (verdicts were read by expectation, not from the text)"
+                          if data["eval"].get("verdict") == "expected" else ""))
     it_cfg = data["config"].get("iteration", {})
     by_expectation = " (scores were read by expectation, not from the text)"
     for t, it in data["iterations"].items():
