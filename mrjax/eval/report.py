@@ -131,14 +131,19 @@ def warnings_for(data: dict) -> list[str]:
 # ----------------------------------------------------------------------------- pictures
 
 
-def _figure():
+def _figure(height: float = 4.0):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, height), dpi=110)
     return plt, fig, ax
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes, where it cannot hide a point or an interval."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=2, frameon=False)
 
 
 def _save(plt, fig, path: Path) -> Path:
@@ -171,7 +176,7 @@ def plot_lengths(data: dict, path: Path) -> Path | None:
     held_out = {int(t): a["mean_chars"] for t, a in data["eval"].get("actor", {}).items() if a["mean_chars"]}
     if not loop and not held_out:
         return None
-    plt, fig, ax = _figure()
+    plt, fig, ax = _figure(4.4)
     if loop:
         ax.plot(list(loop), list(loop.values()), "o-", label="training prompts: M_(t-1)'s responses in iteration t")
     if held_out:
@@ -182,8 +187,8 @@ def plot_lengths(data: dict, path: Path) -> Path | None:
     ticks = sorted(set(loop) | set(held_out))
     ax.set_xticks(ticks)
     ax.set_xlim(ticks[0] - 0.3, ticks[-1] + 0.3)
-    ax.set_ylim(bottom=0)
-    ax.legend()
+    ax.set_ylim(0, 1.15 * max(list(loop.values()) + list(held_out.values())))
+    _legend_below(ax)
     return _save(plt, fig, path)
 
 
@@ -191,7 +196,7 @@ def plot_win_rates(data: dict, path: Path) -> Path | None:
     rates = data["eval"].get("win_rates", [])
     if not rates:
         return None
-    plt, fig, ax = _figure()
+    plt, fig, ax = _figure(4.6)
     for label, keep, marker in (("win rate vs M_0", lambda w: w["baseline"] == 0, "o-"),
                                 ("win rate vs M_(t-1)", lambda w: w["baseline"] == w["model"] - 1 and w["baseline"] > 0,
                                  "s-")):
@@ -212,7 +217,7 @@ def plot_win_rates(data: dict, path: Path) -> Path | None:
     ax.set_xticks(ticks)
     ax.set_xlim(ticks[0] - 0.4, ticks[-1] + 0.4)
     ax.set_title("Actor: head-to-head win rate")
-    ax.legend(fontsize=8)
+    _legend_below(ax)
     return _save(plt, fig, path)
 
 
@@ -220,7 +225,7 @@ def plot_biases(data: dict, path: Path) -> Path | None:
     rows = {t: it["meta_judge"] for t, it in data["iterations"].items() if "meta_judge" in it}
     if not rows:
         return None
-    plt, fig, ax = _figure()
+    plt, fig, ax = _figure(4.6)
     ts = list(rows)
     for key, label, marker in (("score_bias", "score bias: prefers the higher-scored judgment", "o-"),
                                ("positional_bias", "positional bias: picks the first position", "s-"),
@@ -234,7 +239,7 @@ def plot_biases(data: dict, path: Path) -> Path | None:
     ax.set_xticks(ts)
     ax.set_xlim(ts[0] - 0.6, ts[-1] + 0.6)
     ax.set_title("Meta-judge biases per iteration")
-    ax.legend(fontsize=8)
+    _legend_below(ax)
     return _save(plt, fig, path)
 
 
@@ -292,7 +297,10 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
     if ev.get("win_rates"):
         b.append(("h", 2, "Actor: win rates on held-out prompts"))
         b.append(("p", f"Judge: `{ev['judge']}` (pairwise, both orders; ties and order disagreements count 0.5; "
-                       f"verdicts by {ev['verdict']}). {ev['prompts']} prompts. M_0 = `{ev['models']['0']}`."))
+                       f"verdicts by {ev['verdict']}). {ev['prompts']} prompts. M_0 = `{ev['models']['0']}`."
+                       + (" The judge is one of the run's own models, which may prefer its own answers; "
+                          "pass `--judge` a stronger model for an independent verdict."
+                          if ev["judge"] in ev["models"].values() else "")))
         b.append(("table", ["model", "baseline", "comparisons", "win rate", "95% interval", "LC win rate",
                             "orders agree", "verdict parse"],
                   [[f"M_{w['model']}", f"M_{w['baseline']}", str(w["comparisons"]), _f(w["win_rate"]) + "%",
