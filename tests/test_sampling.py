@@ -114,9 +114,8 @@ def test_greedy_matches_transformers_on_an_8_device_mesh(smol, greedy_reference)
     model = Model(single.config, jax.device_put(single.params, param_shardings(single.config, mesh)), mesh)
     out = generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)
     check_against_reference(out, greedy_reference, range(len(GREEDY_PROMPTS)))
-    for i in (1, 6):  # two prompts alone (one row among padding rows; they share a cache bucket)
-        alone = generate(model, tok, [GREEDY_PROMPTS[i]], GREEDY, progress=False)
-        check_against_reference(alone, [greedy_reference[i]], [0])
+    alone = generate(model, tok, [GREEDY_PROMPTS[6]], GREEDY, progress=False)  # one row among padding rows
+    check_against_reference(alone, [greedy_reference[6]], [0])
 
 
 @pytest.fixture
@@ -133,9 +132,9 @@ def short_segments(monkeypatch):
 def test_segmented_decode_matches_transformers_and_one_loop(smol, greedy_reference, greedy_batched, tiny,
                                                              short_segments):
     model, tok = smol
-    out = generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)  # 64 new tokens: 4 segments
-    check_against_reference(out, greedy_reference, range(len(GREEDY_PROMPTS)))
-    for got, want in zip(out.logprobs, greedy_batched.logprobs):
+    out = generate(model, tok, GREEDY_PROMPTS[:4], GREEDY, progress=False)  # 64 new tokens: 4 segments
+    check_against_reference(out, greedy_reference[:4], range(4))
+    for got, want in zip(out.logprobs, greedy_batched.logprobs[:4]):
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
     # Sampling with stops mid-way: the same tokens as one loop (the seed fixes them per step).
     tiny_model, _ = tiny
