@@ -45,7 +45,6 @@ from mrjax.data import (
     read_judge_rows,
     read_meta_judge_rows,
     read_prompts,
-    resolve_path,
     tfds_prompts,
     tokenize_rows,
     write_jsonl,
