@@ -18,7 +18,7 @@ run: install
 	$(PYTHON) -m mrjax.train --config $(CONFIG)
 
 test: install-dev
-	$(PYTHON) -m pytest tests --durations=20
+	$(PYTHON) -m pytest tests -n 2 --dist loadfile --durations=20   # two workers, one file each (2-core CI)
 
 bench: install-dev
 	$(PYTHON) -m mrjax.bench sample --json

@@ -8,8 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-# XLA's persistent cache shared by the tests' runs (a resumed run reuses the compiled programs).
-XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
+# XLA's persistent cache shared by the tests' runs (a resumed run reuses the compiled programs);
+# one per pytest-xdist worker, so that two processes never write the same entry at once.
+XLA_CACHE = Path(tempfile.gettempdir()) / f"mrjax-test-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 
 
 def run_cli(*args, fault=None, timeout=900, module="mrjax.train"):
