@@ -108,6 +108,11 @@ def read_jsonl(path: str | Path, what: str = "JSONL") -> list[tuple[int, dict]]:
     return rows
 
 
+def jsonl_objects(path: str | Path) -> list[dict]:
+    """The objects of a JSONL file, without their line numbers (``read_jsonl``)."""
+    return [row for _, row in read_jsonl(path)]
+
+
 def _where(path: Path, line: int) -> str:
     return f"{path}:{line}"
 

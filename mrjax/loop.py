@@ -38,6 +38,7 @@ from mrjax.data import (
     SEED_PROMPTS,
     DataError,
     dedupe_prompts,
+    jsonl_objects,
     judge_sft_row,
     meta_judge_sft_row,
     prompt_question,
@@ -136,13 +137,23 @@ def _continuation_token(tokenizer, prefix: str, candidate: str) -> tuple[str, in
                       "the expected judge score / verdict cannot be read with it (use 'parse')")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    return [row for _, row in read_jsonl(path)]
-
-
-def _mean(values) -> float | None:
+def mean_or_none(values) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def stage_markers(where: Path) -> dict[str, dict]:
+    """{stage: its figures} of the stages complete in ``where`` (the ``.done/<stage>.json`` markers)."""
+    return {p.stem: json.loads(p.read_text()) for p in (where / ".done").glob("*.json")}
+
+
+def model_source(config: Config, t: int) -> str | Path:
+    """Where M_t lives: M_0 is the EFT model when EFT runs (else ``model.name``), M_t is iter_t/hf."""
+    root = Path(config.run_dir)
+    if t == 0:
+        return root / "eft" / "hf" if config.eft.enabled else config.model.name
+    return root / f"iter_{t}" / "hf"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -253,7 +264,7 @@ class MetaRewardingRun:
                 path = shard_dir / f"{j:05d}.jsonl"
                 chunk = prompts[j * size:(j + 1) * size]
                 if path.is_file():
-                    rows = _read_rows(path)
+                    rows = jsonl_objects(path)
                 else:
                     model, tokenizer = self.model(source), self._tokenizer
                     sampling = SamplingConfig(
@@ -338,7 +349,7 @@ class MetaRewardingRun:
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_or_write_config()
         T = self.it.iterations
-        final = self.root / f"iter_{T}" / "hf"
+        final = model_source(self.config, T)
         if (self.root / ".done" / "run.json").is_file():
             log.info("%s: the run is already complete; nothing to do", self.root)
             return LoopResult(self.root, final, self._summaries(), already_complete=True)
@@ -346,14 +357,9 @@ class MetaRewardingRun:
                  ", ".join(f"{k}={v}" for k, v in facts.items()))
 
         self._stage(self.root, "prompt_pool", self.stage_prompt_pool)
-        source: str | Path = self.config.model.name
         if self.config.eft.enabled:
-            self.run_eft(source)
-            source = self.root / "eft" / "hf"
-        summaries = []
-        for t in range(1, T + 1):
-            summaries.append(self.run_iteration(t, source))
-            source = self.root / f"iter_{t}" / "hf"
+            self.run_eft(self.config.model.name)
+        summaries = [self.run_iteration(t, model_source(self.config, t - 1)) for t in range(1, T + 1)]
         self._stage(self.root, "run", lambda: {"final_model": str(final), "iterations": T})
         log.info("final model (M_%d): %s", T, final)
         log.info("pair files: %s", ", ".join(str(p) for t in range(1, T + 1)
@@ -439,7 +445,7 @@ class MetaRewardingRun:
         return prompts[:needed]
 
     def stage_prompts(self, t: int, where: Path) -> dict:
-        pool = _read_rows(self.root / "prompts" / "pool.jsonl")
+        pool = jsonl_objects(self.root / "prompts" / "pool.jsonl")
         P = self.it.prompts_per_iteration
         rows = pool[(t - 1) * P: t * P]  # disjoint slices: no prompt is used in two iterations
         write_jsonl(where / "prompts.jsonl", rows)
@@ -479,7 +485,7 @@ class MetaRewardingRun:
             if value is not None:
                 errors.append(abs(value - row["score"]))
         info.update(stats.as_dict("judge_"))
-        info["judge_mean_abs_error"] = _mean(errors)
+        info["judge_mean_abs_error"] = mean_or_none(errors)
         if e.eval_meta_judge_rows:
             meta_rows = read_meta_judge_rows(e.eval_meta_judge_rows)[: e.eval_rows]
             prompts = [roles.fill_meta_judge_prompt(r["question"], r["response"], r["judgment_a"], r["judgment_b"])
@@ -493,7 +499,7 @@ class MetaRewardingRun:
                 if winner is not None:
                     right.append(float(winner == row["winner"]))
             info.update(stats.as_dict("meta_judge_"))
-            info["meta_judge_accuracy"] = _mean(right)
+            info["meta_judge_accuracy"] = mean_or_none(right)
         return info
 
     def stage_eft_train(self, base: str, where: Path) -> dict:
@@ -551,7 +557,7 @@ class MetaRewardingRun:
 
     def stage_responses(self, t: int, where: Path, source) -> dict:
         it = self.it
-        prompts = _read_rows(where / "prompts.jsonl")
+        prompts = jsonl_objects(where / "prompts.jsonl")
         out = self.generate_sharded(where / "shards" / "responses", "responses", source, [p["prompt"] for p in prompts],
                                     it.responses_per_prompt, it.actor_temperature, it.actor_top_p,
                                     it.actor_max_new_tokens, ("actor", t))
@@ -578,8 +584,8 @@ class MetaRewardingRun:
 
     def stage_judgments(self, t: int, where: Path, source) -> dict:
         it = self.it
-        questions = {p["id"]: prompt_question(p["prompt"]) for p in _read_rows(where / "prompts.jsonl")}
-        responses = _read_rows(where / "responses.jsonl")
+        questions = {p["id"]: prompt_question(p["prompt"]) for p in jsonl_objects(where / "prompts.jsonl")}
+        responses = jsonl_objects(where / "responses.jsonl")
         judge_prompts = [roles.fill_judge_prompt(questions[r["prompt_id"]], r["response"]) for r in responses]
         score = self._expected_scores if it.judge_score == "expected" else None
         out = self.generate_sharded(where / "shards" / "judgments", "judgments", source, judge_prompts,
@@ -597,16 +603,16 @@ class MetaRewardingRun:
         write_jsonl(where / "judgments.jsonl", rows)
         valid = [r["score"] for r in rows if r["score"] is not None]
         info = {"judgments": len(rows), "valid": len(valid), "tokens": sum(s["tokens"] for per in out for s in per),
-                "score_mean": _mean(valid), "score_std": float(np.std(valid)) if valid else None}
+                "score_mean": mean_or_none(valid), "score_std": float(np.std(valid)) if valid else None}
         info.update(stats.as_dict("judge_"))
         return info
 
     def _judgment_arrays(self, where: Path):
         """[P, K, N] scores / masks / lengths of the iteration's judgments, plus the lookups."""
         it = self.it
-        prompts = _read_rows(where / "prompts.jsonl")
-        responses = _read_rows(where / "responses.jsonl")
-        judgments = _read_rows(where / "judgments.jsonl")
+        prompts = jsonl_objects(where / "prompts.jsonl")
+        responses = jsonl_objects(where / "responses.jsonl")
+        judgments = jsonl_objects(where / "judgments.jsonl")
         index = {p["id"]: i for i, p in enumerate(prompts)}
         P, K, N = len(prompts), it.responses_per_prompt, it.judgments_per_response
         scores = np.zeros((P, K, N), np.float32)
@@ -703,7 +709,7 @@ class MetaRewardingRun:
         P, N = len(prompts), it.judgments_per_response
         results = np.zeros((P, N, N), np.int32)
         called = np.zeros((P, N, N), bool)
-        for row in _read_rows(where / "meta_judgments.jsonl"):
+        for row in jsonl_objects(where / "meta_judgments.jsonl"):
             p = index[row["prompt_id"]]
             results[p, row["m"], row["n"]] = roles.winner_to_result(row["winner"])
             called[p, row["m"], row["n"]] = True
@@ -729,7 +735,7 @@ class MetaRewardingRun:
     def stage_train(self, t: int, where: Path, source) -> dict:
         rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                 for name in ("actor_pairs", "judge_pairs") if (where / f"{name}.jsonl").is_file()
-                for r in _read_rows(where / f"{name}.jsonl")]
+                for r in jsonl_objects(where / f"{name}.jsonl")]
         train_dir = where / "train"
         if not rows:
             log.warning("iteration %d built no pairs: M_%d = M_%d", t, t, t - 1)
@@ -815,8 +821,8 @@ def _count_lines(path: Path) -> int:
 
 def iteration_summary(t: int, where: Path, judge_training: bool) -> dict:
     """The iteration's figures, counted from its files and read from its stage markers."""
-    done = {p.stem: json.loads(p.read_text()) for p in (where / ".done").glob("*.json")}
-    responses = _read_rows(where / "responses.jsonl")
+    done = stage_markers(where)
+    responses = jsonl_objects(where / "responses.jsonl")
     summary: dict[str, Any] = {
         "iteration": t,
         "prompts": _count_lines(where / "prompts.jsonl"),
@@ -835,7 +841,7 @@ def iteration_summary(t: int, where: Path, judge_training: bool) -> dict:
         "meta_judge_parse_rate": done["meta_judgments"]["meta_judge_parse_rate"] if judge_training else None,
         "omega1": done["judge_pairs"]["omega1"] if judge_training else None,
         "omega2": done["judge_pairs"]["omega2"] if judge_training else None,
-        "mean_response_chars": _mean([len(r["response"]) for r in responses]),
+        "mean_response_chars": mean_or_none([len(r["response"]) for r in responses]),
         "dpo_pairs": done["train"].get("pairs", 0),
         "dpo_steps": done["train"].get("steps", 0),
         "dpo_loss": done["train"].get("loss_mean"),

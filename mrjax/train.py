@@ -100,7 +100,9 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_main(run_fn, argv: list[str] | None = None) -> int:
+    """A command line around ``run_fn(argv) -> dict``: logging, one ``error:`` line and exit status 2
+    for bad input, 130 on Ctrl-C, the result printed as JSON (``python -m mrjax.train`` / ``mrjax.eval``)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mrjax").setLevel(logging.INFO)
     try:  # orbax logs every save step at INFO through absl
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     errors = _user_errors()
     try:
-        summary = run(argv)
+        summary = run_fn(argv)
     except errors as err:
         message = str(err) if not isinstance(err, FileNotFoundError) or not err.filename else f"{err.strerror}: {err.filename}"
         print(f"error: {message}", file=sys.stderr)
@@ -119,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (resume with the same command; the last checkpoint is kept)", file=sys.stderr)
         return 130
-    print(json.dumps(summary))
+    print(json.dumps(summary, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

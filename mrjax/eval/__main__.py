@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
 
@@ -27,32 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mrjax").setLevel(logging.INFO)
+def run(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    from mrjax.train import _user_errors, USER_ERRORS_EXIT
+    if args.report_only:
+        from mrjax.eval.report import write_report
 
-    try:
-        if args.report_only:
-            from mrjax.eval.report import write_report
+        return {k: str(v) for k, v in write_report(args.run).items()}
+    from mrjax.eval.run import EvalSettings, evaluate
 
-            paths = write_report(args.run)
-            result = {k: str(v) for k, v in paths.items()}
-        else:
-            from mrjax.eval.run import EvalSettings, evaluate
+    settings = EvalSettings(prompts=args.prompts, human=args.human, judge=args.judge, max_prompts=args.max_prompts,
+                            judge_samples=args.judge_samples, verdict=args.verdict)
+    return evaluate(args.run, settings, progress=not args.quiet)
 
-            settings = EvalSettings(prompts=args.prompts, human=args.human, judge=args.judge,
-                                    max_prompts=args.max_prompts, judge_samples=args.judge_samples,
-                                    verdict=args.verdict)
-            result = evaluate(args.run, settings, progress=not args.quiet)
-    except _user_errors() as err:
-        message = str(err) if not isinstance(err, FileNotFoundError) or not err.filename else \
-            f"{err.strerror}: {err.filename}"
-        print(f"error: {message}", file=sys.stderr)
-        return USER_ERRORS_EXIT
-    print(json.dumps(result, default=str))
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    from mrjax.train import cli_main
+
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

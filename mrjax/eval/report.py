@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from mrjax.data import read_jsonl, write_text
+from mrjax.data import jsonl_objects, write_text
 from mrjax.eval import metrics as mx
+from mrjax.loop import mean_or_none, stage_markers
 
 # Thresholds of the plain warnings.
 MIN_COMPARISONS = 30
@@ -27,15 +28,12 @@ MAX_POSITIONAL_BIAS = 70.0
 
 
 def _rows(path: Path) -> list[dict]:
-    return [raw for _, raw in read_jsonl(path)] if path.is_file() else []
+    """The file's rows, or none when the stage has not written it yet."""
+    return jsonl_objects(path) if path.is_file() else []
 
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _mean(values) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 # ----------------------------------------------------------------------------- figures
@@ -43,13 +41,13 @@ def _mean(values) -> float | None:
 
 def iteration_figures(where: Path) -> dict:
     """The cheap figures of one iteration directory, from its files (any stage may be missing)."""
-    done = {p.stem: _json(p) for p in (where / ".done").glob("*.json")}
+    done = stage_markers(where)
     responses = _rows(where / "responses.jsonl")
     judgments = _rows(where / "judgments.jsonl")
     scores = [j["score"] for j in judgments if j.get("score") is not None]
     out: dict[str, Any] = {
         "responses": len(responses),
-        "mean_response_chars": _mean([len(r["response"]) for r in responses]),
+        "mean_response_chars": mean_or_none([len(r["response"]) for r in responses]),
         "judgments": len(judgments),
         "judge_parse_rate": done.get("judgments", {}).get("judge_parse_rate"),
         "scores": scores,
@@ -287,7 +285,7 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
         b.append(("table", ["iteration", "responses", "mean chars", "judge parse", "score mean", "5s given",
                             "meta parse", "actor pairs", "judge pairs", "DPO loss", "wall (s)"],
                   [[str(t), str(it["responses"]), _f(it["mean_response_chars"], 0), _f(it["judge_parse_rate"], pct=True),
-                    _f(_mean(it["scores"]), 2), _f(it["top_score_share"], pct=True),
+                    _f(mean_or_none(it["scores"]), 2), _f(it["top_score_share"], pct=True),
                     _f(it["meta_judge_parse_rate"], pct=True), str(it["actor_pairs"]), str(it["judge_pairs"]),
                     _f(it["dpo_loss"], 3), _f(float(sum(v or 0 for v in it["wall_s"].values())), 0)]
                    for t, it in its.items()]))

@@ -30,8 +30,10 @@ import numpy as np
 
 from mrjax import roles
 from mrjax.config import ConfigError, load_config
-from mrjax.data import DataError, prompt_question, read_jsonl, read_prompts, resolve_path, write_jsonl, write_text
+from mrjax.data import (DataError, jsonl_objects, prompt_question, read_jsonl, read_prompts, resolve_path,
+                        write_jsonl, write_text)
 from mrjax.eval import metrics as mx
+from mrjax.loop import MetaRewardingRun, config_changes, mean_or_none, model_source, stage_markers
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +77,13 @@ def read_human_rankings(path: str | Path) -> list[dict]:
 def run_models(root: Path, config) -> tuple[list[tuple[int, str]], list[str]]:
     """[(t, source)] of the models the run directory holds, M_0 first, and what is missing."""
     models, missing = [], []
-    if config.eft.enabled:
-        if (root / "eft" / "hf" / "config.json").is_file():
-            models.append((0, str(root / "eft" / "hf")))
-        else:
+    for t in range(config.iteration.iterations + 1):
+        source = model_source(config, t)
+        if isinstance(source, str) or (source / "config.json").is_file():  # a str is model.name
+            models.append((t, str(source)))
+        elif t == 0:
             missing.append("eft/hf (M_0 after EFT): using the base model instead")
             models.append((0, config.model.name))
-    else:
-        models.append((0, config.model.name))
-    for t in range(1, config.iteration.iterations + 1):
-        if (root / f"iter_{t}" / "hf" / "config.json").is_file():
-            models.append((t, str(root / f"iter_{t}" / "hf")))
         else:
             missing.append(f"iter_{t}/hf (M_{t})")
     return models, missing
@@ -96,15 +94,13 @@ class Evaluation:
 
     def __init__(self, run_dir: str | Path, settings: EvalSettings = EvalSettings(), progress: bool = True):
         self.given = settings
-        from mrjax.loop import MetaRewardingRun
-
         self.root = Path(run_dir)
         if not (self.root / "config.yaml").is_file():
             raise FileNotFoundError(f"{self.root}: not a run directory (no config.yaml)")
         # run_dir is the directory given (the run may have been moved or copied since it was started)
         self.config = dataclasses.replace(load_config(self.root / "config.yaml"), run_dir=str(self.root))
         self.where = self.root / "eval"
-        self.models, self.missing = run_models(self.root, self.config)
+        self.models, self.missing = run_models(self.root, self.config)  # after run_dir is the given one
         it = self.config.iteration
         self.settings = dataclasses.replace(
             settings,
@@ -140,8 +136,6 @@ class Evaluation:
         path = self.where / "settings.json"
         current = {k: str(v) for k, v in dataclasses.asdict(self.given).items()}
         if path.is_file():
-            from mrjax.loop import config_changes
-
             changed = config_changes(json.loads(path.read_text()), current)
             if changed:
                 raise ConfigError(f"{self.where} was computed with other settings ({'; '.join(changed)}); "
@@ -165,10 +159,10 @@ class Evaluation:
             rows = [{"i": i, "prompt": prompt_question(p), "response": per[0]["text"], "tokens": per[0]["tokens"]}
                     for i, (p, per) in enumerate(zip(self.prompts, out))]
             write_jsonl(path, rows)
-            return {"answers": len(rows), "mean_chars": _mean([len(r["response"]) for r in rows])}
+            return {"answers": len(rows), "mean_chars": mean_or_none([len(r["response"]) for r in rows])}
 
         self.stage(f"answers_m{t}", make)
-        return _rows(path)
+        return jsonl_objects(path)
 
     def judge_id(self) -> str:
         """``m<t>`` when the pairwise judge is one of the run's models, else a tag of its path."""
@@ -216,7 +210,7 @@ class Evaluation:
             return {"comparisons": len(rows), **stats.as_dict("pairwise_")}
 
         self.stage(name, make)
-        return _rows(path)
+        return jsonl_objects(path)
 
     def judge_scores(self, name: str, t: int, source: str, items: list[tuple[str, str]]) -> list[dict]:
         """M_t as judge: N sampled judgments of each (question, response); per item the mean valid score."""
@@ -239,12 +233,12 @@ class Evaluation:
                     value = float(sample["value"]) if expected else value
                     if value is not None:
                         scores.append(value)
-                rows.append({"scores": scores, "score": _mean(scores)})
+                rows.append({"scores": scores, "score": mean_or_none(scores)})
             write_jsonl(path, rows)
             return {"items": len(rows), **stats.as_dict("judge_")}
 
         self.stage(name, make)
-        return _rows(path)
+        return jsonl_objects(path)
 
     # ------------------------------------------------------------------ run
 
@@ -276,11 +270,11 @@ class Evaluation:
     def metrics(self, answers, pairwise, judged, humans) -> dict:
         ts = [t for t, _ in self.models]
         last, n_prompts = ts[-1], len(self.prompts)
-        done = {p.stem: json.loads(p.read_text()) for p in (self.where / ".done").glob("*.json")}
+        done = stage_markers(self.where)
         out: dict[str, Any] = {"models": {str(t): src for t, src in self.models}, "missing": self.missing,
                                "judge": self.settings.judge, "prompts": n_prompts, "verdict": self.settings.verdict,
                                "judge_samples": self.settings.judge_samples, "human_prompts": len(self.human)}
-        out["actor"] = {str(t): {"mean_chars": _mean([len(a["response"]) for a in answers[t]])} for t in ts}
+        out["actor"] = {str(t): {"mean_chars": mean_or_none([len(a["response"]) for a in answers[t]])} for t in ts}
         out["win_rates"] = []
         for (t, b), rows in sorted(pairwise.items()):
             prefs = [r["preference"] for r in rows]
@@ -313,7 +307,7 @@ class Evaluation:
                 if all(s is not None for s in got):
                     rhos.append(mx.spearman(got, [-r for r in h["ranking"]]))  # rank 1 is best
             rhos = [r for r in rhos if not math.isnan(r)]
-            entry["spearman"], entry["spearman_prompts"] = _mean(rhos), len(rhos)
+            entry["spearman"], entry["spearman_prompts"] = mean_or_none(rhos), len(rhos)
             judges[str(t)] = entry
         out["judges"] = judges
         write_text(self.where / "metrics.json", json.dumps(out, indent=1, sort_keys=True) + "\n")
@@ -328,14 +322,6 @@ def _order_agreement(rows: list[dict]) -> float | None:
 
 def _nan(x) -> float:
     return math.nan if x is None else float(x)
-
-
-def _mean(values) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def _rows(path: Path) -> list[dict]:
-    return [raw for _, raw in read_jsonl(path)]
 
 
 def evaluate(run_dir: str | Path, settings: EvalSettings = EvalSettings(), progress: bool = True) -> dict:
