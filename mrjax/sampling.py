@@ -31,6 +31,7 @@ HF transformers and its log-probabilities against a teacher-forced ``model`` for
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -58,9 +59,11 @@ SAMPLING_BLOCK = 256
 MIN_PROMPT_BUCKET = 16
 # Generated-token buffers and the cache are sized to max_new_tokens rounded up to this.
 NEW_TOKENS_ROUNDING = 32
-# Decode steps per segment: each segment's loop attends over only the cache slots filled by
-# its end (long generations stop paying for empty slots); every segment is one more loop to compile.
-DECODE_SEGMENT = 128
+# The decoder returns to the host to refill its slots once 1/REFILL_FRACTION of them are free.
+REFILL_FRACTION = 8
+# Attention reads each row's cache up to a window that grows in steps of this many slots: rows
+# early in their generation do not pay for empty slots; every window size is one more program.
+WINDOW_STEP = 64
 
 # Logical axes of one layer's decode-layout cache (see _decode_step).
 DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "seq")
@@ -270,11 +273,12 @@ def sample_logits(
 def row_uniforms(seed: jax.Array, prompt_index: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
     """The uniform that sample ``sample_index`` of prompt ``prompt_index`` uses at ``step``."""
 
-    def one(p, s):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), p), s), step)
+    def one(p, s, t):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), p), s), t)
         return jax.random.uniform(key, (), jnp.float32)
 
-    return jax.vmap(one)(prompt_index, sample_index)
+    step = jnp.broadcast_to(step, prompt_index.shape)
+    return jax.vmap(one)(prompt_index, sample_index, step)
 
 
 def _needs_candidates(config: SamplingConfig, vocab: int) -> int:
@@ -360,38 +364,52 @@ def _logits(weights, x):
     return jax.lax.optimization_barrier(_matmul(weights["unembed"], x)).T
 
 
-def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, kv_allowed, slot):
-    """Logits [B, V] for one token per row at ``positions`` [B]; writes its keys/values at ``slot``.
+def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, row_allowed, slots, shared):
+    """Logits [B, V] for one token per row at ``positions`` [B]; writes its keys/values at ``slots`` [B].
 
-    ``caches`` holds per layer (keys [B, Kh, D, S], values [B, Kh, S, D]): keys with the
-    position axis minor and values with head_dim minor, the layouts in which XLA:CPU's
-    batched q.k and p.v products run fastest. ``kv_allowed`` [B, S] says which slots a
-    query may attend to. The arithmetic is ``Llama.apply``'s, reordered for one token.
+    Each row attends over two caches. ``shared`` = (per layer (keys [Kh, D, C], values [Kh, C, D]),
+    mask [C]) is the prompt prefix every row of the call has in common, stored once and read
+    once per step for all rows. ``caches`` holds per layer the row's own slots (keys
+    [B, Kh, D, S], values [B, Kh, S, D]: position axis minor for keys and head_dim minor for
+    values, the layouts in which XLA:CPU's batched q.k and p.v products run fastest);
+    ``row_allowed`` [B, S] says which of them a query may attend to. One softmax runs over
+    both, so the arithmetic is ``Llama.apply``'s, reordered for one token. A slot index past
+    the cache (finished rows) writes nothing.
     """
     c = config
     B = tokens.shape[0]
     h, kh, d = c.num_heads, c.num_kv_heads, c.head_dim
     groups = h // kh
+    shared_layers, shared_mask = shared
+    C = shared_mask.shape[0]
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_frequencies(c))
     cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
     x = jnp.take(weights["embedding"], tokens, axis=0).astype(jnp.float32).T  # [E, B]
     neg = jnp.finfo(jnp.float32).min
-    mask = kv_allowed[:, None, None, :]
+    mask = jnp.concatenate([jnp.broadcast_to(shared_mask[None], (B, C)), row_allowed], axis=1)[:, None, None, :]
+    rows = jnp.arange(B)
     new_caches = []
-    for w, (cache_k, cache_v) in zip(weights["layers"], caches):
+    for w, (cache_k, cache_v), (prefix_k, prefix_v) in zip(weights["layers"], caches, shared_layers):
         hidden = _rms_norm_t(x, w["attn_norm"], c.rms_norm_eps)
         q = _rotate(_matmul(w["q"], hidden).reshape(h, d, B).transpose(2, 0, 1), cos, sin)
         k = _rotate(_matmul(w["k"], hidden).reshape(kh, d, B).transpose(2, 0, 1), cos, sin)
         v = _matmul(w["v"], hidden).reshape(kh, d, B).transpose(2, 0, 1)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[..., None], (0, 0, 0, slot))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[:, :, None, :], (0, 0, slot, 0))
+        cache_k = cache_k.at[rows, :, :, slots].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[rows, :, slots, :].set(v.astype(cache_v.dtype), mode="drop")
         new_caches.append((cache_k, cache_v))
-        scores = jnp.einsum(
-            "bkgd,bkds->bkgs", q.reshape(B, kh, groups, d), cache_k.astype(jnp.float32)
+        q = q.reshape(B, kh, groups, d)
+        scores = jnp.concatenate(
+            [
+                jnp.einsum("bkgd,kds->bkgs", q, prefix_k.astype(jnp.float32)),
+                jnp.einsum("bkgd,bkds->bkgs", q, cache_k.astype(jnp.float32)),
+            ],
+            axis=-1,
         ) / math.sqrt(d)
         probs = jax.nn.softmax(jnp.where(mask, scores, neg), axis=-1)
-        attn = jnp.einsum("bkgs,bksd->bkgd", probs, cache_v.astype(jnp.float32)).reshape(B, h * d)
-        x = x + _matmul(w["o"], attn.T)
+        attn = jnp.einsum("bkgs,ksd->bkgd", probs[..., :C], prefix_v.astype(jnp.float32)) + jnp.einsum(
+            "bkgs,bksd->bkgd", probs[..., C:], cache_v.astype(jnp.float32)
+        )
+        x = x + _matmul(w["o"], attn.reshape(B, h * d).T)
         hidden = _rms_norm_t(x, w["mlp_norm"], c.rms_norm_eps)
         x = x + _matmul(w["down"], jax.nn.silu(_matmul(w["gate"], hidden)) * _matmul(w["up"], hidden))
     x = _rms_norm_t(x, weights["final_norm"], c.rms_norm_eps)
@@ -405,128 +423,181 @@ def _constrain(x, mesh, names):
     return mesh_lib.constrain(x, mesh, names)
 
 
+class Settings(NamedTuple):
+    """Sampling parameters as arrays, so one compiled program serves any values."""
+
+    seed: jax.Array
+    max_new: jax.Array
+    min_new: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    stop_ids: jax.Array
+
+
+class Slots(NamedTuple):
+    """The decoder's pool of rows (one row = one sample of one prompt), all arrays [B, ...].
+
+    A row's own cache holds its prompt's tokens after the shared prefix, right-aligned in the
+    first ``P`` slots (``prompt_mask`` marks the real ones), then the tokens it generates.
+    ``step`` counts the tokens generated so far; ``done`` rows (and empty slots) compute but
+    record nothing until the host refills them.
+    """
+
+    caches: list  # per layer (keys [B, Kh, D, S], values [B, Kh, S, D])
+    prompt_mask: jax.Array  # [B, P]
+    prompt_len: jax.Array  # [B] full prompt length (the position of the first generated token)
+    prompt_index: jax.Array  # [B] the prompt's index in the caller's list (for the key)
+    sample_index: jax.Array  # [B]
+    token: jax.Array  # [B] the last generated token
+    step: jax.Array  # [B]
+    done: jax.Array  # [B]
+    stopped: jax.Array  # [B] ended by an end-of-turn id
+    out_tokens: jax.Array  # [B, new_capacity]
+    out_logprobs: jax.Array  # [B, new_capacity]
+
+
 class Programs(NamedTuple):
     prepare: Any  # params -> decode weights (once per generate call)
-    prefill: Any  # prompts -> last hidden state + prompt KV cache (per prompt-length bucket)
-    decode: Any  # the while-loop sampler (per row bucket x prompt bucket x settings)
+    prefill: Any  # prompts -> last hidden state + KV cache (per row bucket x prompt bucket)
+    prefill_after: Any  # prompt suffixes after a shared prefix's cache (per row, suffix and prefix bucket)
+    empty: Any  # an empty slot pool (per pool shape)
+    insert: Any  # prefilled rows -> free slots, sampling their first token (per refill shape)
+    decode: Any  # the while-loop decoder over the pool (per pool shape x attention window)
+
+
+def _pick(weights, logits, step, prompt_index, sample_index, s: Settings, greedy, candidates):
+    """Next token and its log-probability under the unmodified model, per row at ``step`` [B]."""
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    # Before min_new tokens the end-of-turn ids may not be drawn (HF's min_new_tokens).
+    blocked = (step < s.min_new)[:, None]
+    allowed_logits = logits.at[:, s.stop_ids].set(jnp.where(blocked, -jnp.inf, logits[:, s.stop_ids]))
+    u = row_uniforms(s.seed, prompt_index, sample_index, step)
+    token = sample_logits(allowed_logits, u, s.temperature, s.top_p, s.top_k, greedy=greedy, candidates=candidates)
+    logprob = jnp.take_along_axis(logits, token[:, None], 1)[:, 0] - log_norm
+    return token, logprob
 
 
 @functools.lru_cache(maxsize=None)
 def _programs(module, mesh: Mesh, dtype) -> Programs:
     """The jitted programs for one (module, mesh, dtype); cached so compilations are shared."""
     config: LlamaConfig = module.config
+    L, kh, d = config.num_layers, config.num_kv_heads, config.head_dim
 
     def prepare(params):
         return decode_weights(params, config, dtype, mesh)
 
     def prefill(params, tokens, positions, mask):
-        # tokens [Bp, P] (P: the prefill bucket); mask [Bp, Pc] (Pc >= P: the cache bucket)
+        # tokens [Bp, P] (P: the prefill bucket); mask [Bp, Pc] (Pc >= P: the cache length)
         B, cache_len = mask.shape
         cache = KVCache(*(_constrain(t, mesh, KV_CACHE_AXES) for t in KVCache.zeros(config, B, cache_len, dtype)))
         hidden, cache = module.apply({"params": params}, tokens, positions, mask, cache, jnp.int32(0), return_hidden=True)
         return hidden[:, -1], cache
 
-    def decode(
-        weights,
-        last_hidden,  # [Bp, E] final-norm hidden state of each prompt's last token
-        prompt_cache,  # KVCache [L, Bp, P, Kh, D] from prefill
-        prompt_mask,  # [Bp, Pc] real prompt tokens
-        gen_start,  # first cache slot after the prompts (the prefill bucket)
-        row_prompt,  # [B] which prefilled prompt each row samples from
-        row_active,  # [B] False for padding rows
-        prompt_len,  # [B]
-        prompt_index,  # [B] the prompt's index in the caller's list (for the key)
-        sample_index,  # [B]
-        seed,
-        max_new,
-        min_new,
-        temperature,
-        top_p,
-        top_k,
-        stop_ids,
-        *,
-        greedy: bool,
-        candidates: int,
-        new_capacity: int,
-    ):
-        B = row_prompt.shape[0]
-        P = prompt_mask.shape[1]
-        S = P + new_capacity
-        # Steps run in segments; segment j's cache holds the prompt and the slots generated up to
-        # its end, so early steps of a long generation do not attend over empty slots.
-        ends = list(range(DECODE_SEGMENT, new_capacity, DECODE_SEGMENT)) + [new_capacity]
+    def prefill_after(params, prefix, prefix_mask, tokens, positions, mask):
+        # prefix: KVCache [L, 1, C, Kh, D]; tokens/positions/mask [Bp, P]: suffixes, left-padded.
+        B, P = tokens.shape
+        C = prefix_mask.shape[0]
+        full_mask = jnp.concatenate([jnp.broadcast_to(prefix_mask[None], (B, C)), mask], axis=1)
+        cache = KVCache(
+            *(
+                _constrain(jnp.pad(jnp.broadcast_to(t, (L, B) + t.shape[2:]), ((0, 0), (0, 0), (0, P), (0, 0), (0, 0))),
+                           mesh, KV_CACHE_AXES)
+                for t in prefix
+            )
+        )
+        hidden, cache = module.apply({"params": params}, tokens, positions, full_mask, cache, jnp.int32(C),
+                                     return_hidden=True)
+        return hidden[:, -1], KVCache(cache.k[:, :, C:], cache.v[:, :, C:])
 
-        def grow(caches, extra):
-            return [
-                (_constrain(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, extra))), mesh, DECODE_K_AXES),
-                 _constrain(jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0))), mesh, DECODE_V_AXES))
-                for k, v in caches
-            ]
+    def empty(rows, prompt_slots, cache_slots, new_capacity):
+        zeros = lambda shape, dt=jnp.int32: _constrain(jnp.zeros(shape, dt), mesh, ("batch",) + (None,) * (len(shape) - 1))
+        caches = [
+            (_constrain(jnp.zeros((rows, kh, d, cache_slots), dtype), mesh, DECODE_K_AXES),
+             _constrain(jnp.zeros((rows, kh, cache_slots, d), dtype), mesh, DECODE_V_AXES))
+            for _ in range(L)
+        ]
+        return Slots(
+            caches, zeros((rows, prompt_slots), bool), zeros((rows,)), zeros((rows,)), zeros((rows,)),
+            zeros((rows,)), zeros((rows,)), jnp.ones((rows,), bool), zeros((rows,), bool),
+            zeros((rows, new_capacity)), zeros((rows, new_capacity), jnp.float32),
+        )
 
-        # Each row's cache in decode layout: its prompt's keys in slots [0, P), generated ones after.
-        row_k = jnp.take(prompt_cache.k, row_prompt, axis=1)
-        row_v = jnp.take(prompt_cache.v, row_prompt, axis=1)
-        caches = [(row_k[i].transpose(0, 2, 3, 1), row_v[i].transpose(0, 2, 1, 3)) for i in range(config.num_layers)]
-        slot_ids = jnp.arange(S, dtype=jnp.int32)
-        prompt_allowed = jnp.pad(jnp.take(prompt_mask, row_prompt, axis=0), ((0, 0), (0, new_capacity)))
-        # Prompt slots by the prompt mask; generated slots (from gen_start on) once written.
-        slot_allowed = jnp.where(slot_ids[None] < gen_start, prompt_allowed, True)
-
-        def pick(logits, step):
-            log_norm = jax.nn.logsumexp(logits, axis=-1)
-            # Before min_new tokens the end-of-turn ids may not be drawn (HF's min_new_tokens).
-            allowed_logits = logits.at[:, stop_ids].min(jnp.where(step < min_new, -jnp.inf, jnp.inf))
-            u = row_uniforms(seed, prompt_index, sample_index, step)
-            token = sample_logits(allowed_logits, u, temperature, top_p, top_k, greedy=greedy, candidates=candidates)
-            # Log-probability under the unmodified model (temperature 1, no truncation).
-            logprob = jnp.take_along_axis(logits, token[:, None], 1)[:, 0] - log_norm
-            return token, logprob
-
+    def insert(weights, pool: Slots, last_hidden, cache, mask, where, row_prompt, prompt_len, prompt_index,
+               sample_index, s: Settings, *, greedy: bool, candidates: int):
+        """Rows ``row_prompt`` [N] of a prefill go to slots ``where`` [N] (B = none); each samples its first token."""
+        B, P = pool.prompt_mask.shape
+        S = pool.caches[0][0].shape[-1]
+        Pn = mask.shape[1]
+        k = jnp.take(cache.k, row_prompt, axis=1)  # [L, N, Pn, Kh, D]
+        v = jnp.take(cache.v, row_prompt, axis=1)
+        place = ((0, 0), (0, 0), (0, 0), (P - Pn, S - P))  # right-align the prompt in the first P slots
+        caches = [
+            (ck.at[where].set(jnp.pad(k[i].transpose(0, 2, 3, 1), place), mode="drop"),
+             cv.at[where].set(jnp.pad(v[i].transpose(0, 2, 1, 3), place[:2] + (place[3], place[2])), mode="drop"))
+            for i, (ck, cv) in enumerate(pool.caches)
+        ]
         hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
-        token, logprob = pick(_logits(weights, hidden), jnp.int32(0))
-        out_tokens = jnp.zeros((B, new_capacity), jnp.int32).at[:, 0].set(token)
-        out_logprobs = jnp.zeros((B, new_capacity), jnp.float32).at[:, 0].set(logprob)
-        stopped = jnp.isin(token, stop_ids) & row_active
-        done = stopped | ~row_active
-        lengths = row_active.astype(jnp.int32)
+        zero = jnp.zeros_like(row_prompt)
+        token, logprob = _pick(weights, _logits(weights, hidden), zero, prompt_index, sample_index, s, greedy, candidates)
+        stopped = jnp.isin(token, s.stop_ids)
+        put = lambda a, x: a.at[where].set(x, mode="drop")
+        return Slots(
+            caches,
+            put(pool.prompt_mask, jnp.pad(jnp.take(mask, row_prompt, axis=0), ((0, 0), (P - Pn, 0)))),
+            put(pool.prompt_len, prompt_len), put(pool.prompt_index, prompt_index),
+            put(pool.sample_index, sample_index), put(pool.token, token), put(pool.step, zero + 1),
+            put(pool.done, stopped | (s.max_new <= 1)), put(pool.stopped, stopped),
+            put(pool.out_tokens, jnp.zeros_like(pool.out_tokens[: len(token)]).at[:, 0].set(token)),
+            put(pool.out_logprobs, jnp.zeros_like(pool.out_logprobs[: len(token)]).at[:, 0].set(logprob)),
+        )
 
-        def segment(state, end):
-            size = P + end  # cache slots in this segment
-            segment_allowed, segment_ids = slot_allowed[:, :size], slot_ids[:size]
+    def decode(weights, shared, pool: Slots, s: Settings, max_steps, refill_at, *, greedy: bool, candidates: int,
+               window: int):
+        """Up to ``max_steps`` decode steps of the whole pool; returns early once ``refill_at`` slots
+        are free (done), so the host can refill them. Attention reads the first ``window`` slots of
+        each row's cache only (the host picks it to cover every running row's steps)."""
+        B, P = pool.prompt_mask.shape
+        rows = jnp.arange(B)
+        gen_ids = jnp.arange(window - P, dtype=jnp.int32)
+        caches = [(k[..., :window], v[:, :, :window]) for k, v in pool.caches]
 
-            def cond(state):
-                step, _, done, *_ = state
-                return (step < jnp.minimum(max_new, end)) & ~jnp.all(done)
+        def cond(state):
+            i, _, _, done, *_ = state
+            return (i < max_steps) & (jnp.sum(done) < refill_at) & ~jnp.all(done)
 
-            return jax.lax.while_loop(cond, lambda state: decode_one(state, segment_allowed, segment_ids), state)
+        def body(state):
+            i, token, step, done, stopped, out_tokens, out_logprobs, caches = state
+            slots = jnp.where(done, window, P + step - 1)  # where the previous token's keys and values go
+            allowed = jnp.concatenate([pool.prompt_mask, gen_ids[None] <= (step - 1)[:, None]], axis=1)
+            logits, caches = _decode_step(weights, config, mesh, token, pool.prompt_len + step - 1, caches, allowed,
+                                          slots, shared)
+            new_token, logprob = _pick(weights, logits, step, pool.prompt_index, pool.sample_index, s, greedy, candidates)
+            record = jnp.where(done, out_tokens.shape[1], step)  # finished rows record nothing
+            out_tokens = out_tokens.at[rows, record].set(new_token, mode="drop")
+            out_logprobs = out_logprobs.at[rows, record].set(logprob, mode="drop")
+            hit_stop = ~done & jnp.isin(new_token, s.stop_ids)
+            step = step + (~done).astype(jnp.int32)
+            token = jnp.where(done, token, new_token)
+            return (i + 1, token, step, done | hit_stop | (step >= s.max_new), stopped | hit_stop, out_tokens,
+                    out_logprobs, caches)
 
-        def decode_one(state, slot_allowed, slot_ids):
-            step, token, done, stopped, lengths, out_tokens, out_logprobs, caches = state
-            slot = gen_start + step - 1  # where the previous token's keys and values go
-            allowed = slot_allowed & (slot_ids <= slot)[None]
-            logits, caches = _decode_step(weights, config, mesh, token, prompt_len + step - 1, caches, allowed, slot)
-            new_token, logprob = pick(logits, step)
-            # Finished rows keep running (the batch moves together) but record nothing.
-            new_token = jnp.where(done, 0, new_token)
-            logprob = jnp.where(done, 0.0, logprob)
-            out_tokens = jax.lax.dynamic_update_slice(out_tokens, new_token[:, None], (0, step))
-            out_logprobs = jax.lax.dynamic_update_slice(out_logprobs, logprob[:, None], (0, step))
-            lengths = lengths + (~done).astype(jnp.int32)
-            hit_stop = ~done & jnp.isin(new_token, stop_ids)
-            return (step + 1, new_token, done | hit_stop, stopped | hit_stop, lengths, out_tokens, out_logprobs, caches)
-
-        state = (jnp.int32(1), token, done, stopped, lengths, out_tokens, out_logprobs, caches)
-        start = 0
-        for end in ends:  # each segment widens the cache by the slots it will fill
-            state = segment(state[:-1] + (grow(state[-1], end - start),), end)
-            start = end
-        _, _, _, stopped, lengths, out_tokens, out_logprobs, _ = state
-        return out_tokens, out_logprobs, lengths, stopped
+        state = (jnp.int32(0), pool.token, pool.step, pool.done, pool.stopped, pool.out_tokens, pool.out_logprobs, caches)
+        _, token, step, done, stopped, out_tokens, out_logprobs, caches = jax.lax.while_loop(cond, body, state)
+        caches = [
+            (jax.lax.dynamic_update_slice(k, wk, (0, 0, 0, 0)), jax.lax.dynamic_update_slice(v, wv, (0, 0, 0, 0)))
+            for (k, v), (wk, wv) in zip(pool.caches, caches)
+        ]
+        return pool._replace(caches=caches, token=token, step=step, done=done, stopped=stopped, out_tokens=out_tokens,
+                             out_logprobs=out_logprobs)
 
     return Programs(
         jax.jit(prepare),
         jax.jit(prefill),
-        jax.jit(decode, static_argnames=("greedy", "candidates", "new_capacity")),
+        jax.jit(prefill_after),
+        jax.jit(empty, static_argnums=(0, 1, 2, 3)),
+        jax.jit(insert, static_argnames=("greedy", "candidates"), donate_argnums=(1,)),
+        jax.jit(decode, static_argnames=("greedy", "candidates", "window"), donate_argnums=(2,)),
     )
 
 
@@ -657,18 +728,9 @@ def generate_ids(
     programs = programs_for(model)
     candidates = _needs_candidates(config, c.vocab_size)
     new_capacity = -(-config.max_new_tokens // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING
-
-    # Rows (prompt, sample), shortest prompts first so each batch pads to a tight bucket.
-    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
-    rows = [(p, s) for p in order for s in range(config.n)]
-    batches = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
-
     n_prompts = len(prompt_ids)
-    token_ids: list[list[list[int]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
-    logprobs: list[list[list[float]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
-    finish: list[list[str]] = [[FINISH_LENGTH] * config.n for _ in range(n_prompts)]
-
-    scalars = dict(
+    put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
+    settings = Settings(
         seed=jnp.uint32(config.seed % 2**32),
         max_new=jnp.int32(config.max_new_tokens),
         min_new=jnp.int32(config.min_new_tokens),
@@ -677,60 +739,80 @@ def generate_ids(
         top_k=jnp.int32(config.top_k),
         stop_ids=jnp.asarray(config.stop_ids, jnp.int32),
     )
-    bar = _progress_bar(len(batches), progress)
     weights = programs.prepare(model.params)
+    C, prefix, prefix_mask, shared = _shared_prefix(programs, model, prompt_ids, ways)
+    suffixes = [ids[C:] for ids in prompt_ids]
+
+    # Rows (prompt, sample) wait in order of prompt length, so each refill prefills a tight bucket.
+    order = sorted(range(n_prompts), key=lambda i: (len(suffixes[i]), i))
+    waiting = collections.deque((p, s) for p in order for s in range(config.n))
+    B = min(_row_bucket(len(waiting), ways), -(-config.batch_size // ways) * ways)
+    P = cache_bucket(prompt_bucket(max(len(t) for t in suffixes)))
+    refill_at = max(1, B // REFILL_FRACTION)
+    pool = programs.empty(B, P, P + new_capacity, new_capacity)
+    slot_row: list[tuple[int, int] | None] = [None] * B
+    steps = np.zeros(B, np.int64)
+
+    token_ids: list[list[list[int]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
+    logprobs: list[list[list[float]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
+    finish: list[list[str]] = [[FINISH_LENGTH] * config.n for _ in range(n_prompts)]
+
+    def refill(pool, rows, where):
+        """Prefill the prompts of ``rows`` (each distinct prompt once) and put the rows in slots ``where``."""
+        unique = list(dict.fromkeys(p for p, _ in rows))
+        Pn = prompt_bucket(max(len(suffixes[p]) for p in unique))
+        Bp = _row_bucket(len(unique), ways)
+        tokens = np.zeros((Bp, Pn), np.int32)
+        positions = np.zeros((Bp, Pn), np.int32)
+        mask = np.zeros((Bp, Pn), bool)
+        mask[len(unique):, Pn - 1] = True  # padding prompts: one dummy token keeps softmax finite
+        for j, p in enumerate(unique):
+            ids = suffixes[p]
+            tokens[j, Pn - len(ids):] = ids
+            positions[j, Pn - len(ids):] = np.arange(C, C + len(ids))
+            mask[j, Pn - len(ids):] = True
+        last_hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask, put(tokens), put(positions),
+                                                    put(mask))
+        N = _row_bucket(len(rows), 1)
+        fields = np.zeros((5, N), np.int32)  # slot, prefill row, prompt length, prompt index, sample index
+        fields[0] = B  # padding entries go nowhere
+        row_of = {p: j for j, p in enumerate(unique)}
+        for r, ((p, s), b) in enumerate(zip(rows, where)):
+            fields[:, r] = (b, row_of[p], len(prompt_ids[p]), p, s)
+        return programs.insert(weights, pool, last_hidden, cache, put(mask), *(jnp.asarray(f) for f in fields),
+                               settings, greedy=config.greedy, candidates=candidates)
+
+    bar = _progress_bar(len(waiting), progress)
     try:
-        for batch in batches:
-            unique = list(dict.fromkeys(p for p, _ in batch))
-            P = prompt_bucket(max(len(prompt_ids[p]) for p in unique))
-            cache_len = cache_bucket(P)
-            Bp = _row_bucket(len(unique), ways)
-            B = _row_bucket(len(batch), ways)
-
-            tokens = np.zeros((Bp, P), np.int32)
-            mask = np.zeros((Bp, cache_len), bool)
-            positions = np.zeros((Bp, P), np.int32)
-            for j, p in enumerate(unique):
-                ids = prompt_ids[p]
-                tokens[j, P - len(ids) :] = ids
-                mask[j, P - len(ids) :] = True
-                positions[j, P - len(ids) :] = np.arange(len(ids))
-            mask[len(unique) :, P - 1] = True  # padding prompts: one dummy token keeps softmax finite
-            where = {p: j for j, p in enumerate(unique)}
-            row_prompt = np.zeros(B, np.int32)
-            row_active = np.zeros(B, bool)
-            prompt_len = np.ones(B, np.int32)
-            prompt_index = np.zeros(B, np.int32)
-            sample_index = np.zeros(B, np.int32)
-            for r, (p, s) in enumerate(batch):
-                row_prompt[r], row_active[r], prompt_len[r] = where[p], True, len(prompt_ids[p])
-                prompt_index[r], sample_index[r] = p, s
-
-            put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
-            mask = put(mask)
-            last_hidden, cache = programs.prefill(model.params, put(tokens), put(positions), mask)
-            out_tokens, out_logprobs, lengths, stopped = programs.decode(
-                weights,
-                last_hidden,
-                cache,
-                mask,
-                jnp.int32(P),
-                *(put(a) for a in (row_prompt, row_active, prompt_len, prompt_index, sample_index)),
-                **scalars,
-                greedy=config.greedy,
-                candidates=candidates,
-                new_capacity=new_capacity,
+        while waiting or any(r is not None for r in slot_row):
+            free = [b for b, r in enumerate(slot_row) if r is None]
+            if waiting and free and (len(free) >= refill_at or len(free) == B):
+                rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                pool = refill(pool, rows, free)
+                for b, row in zip(free, rows):
+                    slot_row[b], steps[b] = row, 1
+            # Attention reads only the slots that the running rows can reach in this call.
+            longest = max(int(steps[b]) for b, r in enumerate(slot_row) if r is not None)
+            window = min(P + new_capacity, P + -(-(longest + WINDOW_STEP) // WINDOW_STEP) * WINDOW_STEP)
+            pool = programs.decode(
+                weights, shared, pool, settings, jnp.int32(window - P - longest + 1),
+                jnp.int32(refill_at if waiting else B + 1), greedy=config.greedy, candidates=candidates, window=window,
             )
-            out_tokens, out_logprobs, lengths, stopped = jax.device_get((out_tokens, out_logprobs, lengths, stopped))
-            for r, (p, s) in enumerate(batch):
-                n = int(lengths[r])
-                token_ids[p][s] = out_tokens[r, :n].tolist()
-                logprobs[p][s] = out_logprobs[r, :n].tolist()
-                finish[p][s] = FINISH_STOP if stopped[r] else FINISH_LENGTH
-            if bar is not None:
-                bar.update(1)
+            step, done, stopped = jax.device_get((pool.step, pool.done, pool.stopped))
+            finished = [b for b, r in enumerate(slot_row) if r is not None and done[b]]
+            steps[:] = step
+            if finished:
+                out_tokens, out_logprobs = jax.device_get((pool.out_tokens, pool.out_logprobs))
+                for b in finished:
+                    (p, s), n = slot_row[b], int(step[b])
+                    token_ids[p][s] = out_tokens[b, :n].tolist()
+                    logprobs[p][s] = out_logprobs[b, :n].tolist()
+                    finish[p][s] = FINISH_STOP if stopped[b] else FINISH_LENGTH
+                    slot_row[b] = None
+                if bar is not None:
+                    bar.update(len(finished))
     finally:
-        del weights
+        del weights, pool
         if bar is not None:
             bar.close()
 
@@ -742,6 +824,40 @@ def generate_ids(
         finish_reasons=finish,
         prompt_lengths=[len(ids) for ids in prompt_ids],
     )
+
+
+def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
+    """Tokens at the start of every prompt in common, leaving each prompt at least one of its own
+    (whose prefill gives the first generated token)."""
+    first = prompt_ids[0]
+    limit = min(len(ids) for ids in prompt_ids) - 1
+    n = 0
+    while n < limit and all(ids[n] == first[n] for ids in prompt_ids):
+        n += 1
+    return n
+
+
+def _shared_prefix(programs: Programs, model, prompt_ids, ways: int):
+    """The common prefix's cache, prefilled once: as a KVCache [L, 1, Cb, Kh, D] with its mask [Cb]
+    (for prefilling the rest of each prompt) and in decode layout (for the decoder)."""
+    c: LlamaConfig = model.config
+    C = shared_prefix_length(prompt_ids)
+    Cb = prompt_bucket(C)
+    mask = np.zeros((ways, Cb), bool)
+    mask[:, Cb - C:] = True
+    if C == 0:
+        zeros = KVCache.zeros(c, 1, Cb, model.dtype)
+        prefix = KVCache(*(jax.device_put(z, mesh_lib.named_sharding(model.mesh, KV_CACHE_AXES, z.shape)) for z in zeros))
+    else:
+        tokens = np.zeros((ways, Cb), np.int32)
+        tokens[:, Cb - C:] = prompt_ids[0][:C]
+        positions = np.zeros((ways, Cb), np.int32)
+        positions[:, Cb - C:] = np.arange(C)
+        _, cache = programs.prefill(model.params, tokens, positions, mask)
+        prefix = KVCache(cache.k[:, :1], cache.v[:, :1])
+    shared = ([(prefix.k[i, 0].transpose(1, 2, 0), prefix.v[i, 0].transpose(1, 0, 2)) for i in range(c.num_layers)],
+              jnp.asarray(mask[0]))
+    return C, prefix, jnp.asarray(mask[0]), shared
 
 
 @functools.lru_cache(maxsize=None)
