@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("sample", "dpo", "preferences")
+BENCHMARKS = ("sample", "workload", "dpo", "preferences")
 
 
 def main(argv: list[str] | None = None) -> int:

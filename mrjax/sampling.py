@@ -7,21 +7,24 @@
 
 How a call runs:
 
-* Prompts are chat-templated and tokenised, sorted by length and cut into batches of at
-  most ``batch_size`` rows (a row is one sample of one prompt). Each batch prefills its
-  *distinct* prompts once (the ``n`` samples of a prompt share it), left-padded to a
-  prefill bucket (multiples of 8 up to 64, then four steps per doubling); the decoder
-  reserves a coarser cache bucket (16, 24, 32, 48, 64, 96, ...) for the prompt, and row
-  counts go to powers of two. Lengths, step limits and sampling parameters are arrays
-  inside the jitted code, so a handful of programs serve every prompt length.
-* The decoder is one jitted ``lax.while_loop``: each step runs the model on one token
-  per row against the cache (loop-carried, so XLA updates it in place), samples, and
-  stops when every row has produced an end-of-turn id or ``max_new_tokens`` is reached.
-  Finished rows keep computing (the batch moves together) but record nothing.
+* Prompts are chat-templated and tokenised. The tokens every prompt of the call starts with
+  (the chat header, the judge's rubric, ...) are the *shared prefix*: it is prefilled once, and
+  the decoder keeps its keys/values once and reads them once per step for all rows.
+* Rows (one sample of one prompt) wait in order of prompt length for a fixed pool of
+  ``batch_size`` decode slots (continuous batching). A refill prefills the rest of each
+  distinct waiting prompt after the prefix's cache (the ``n`` samples of a prompt share it,
+  left-padded to a bucket: multiples of 8 up to 64, then four steps per doubling), puts its
+  rows into free slots and samples their first tokens. Each slot's own cache reserves a
+  coarser bucket (16, 24, 32, 48, 64, 96, ...) for the prompt, then the generated tokens.
+* The decoder is one jitted ``lax.while_loop`` over the pool: each step runs the model on one
+  token per row against the caches (loop-carried, so XLA updates them in place) and samples.
+  A row ends at an end-of-turn id or at ``max_new_tokens``; finished slots compute but record
+  nothing, and the loop returns to the host once 1/8 of the slots are free, to refill them.
+  Lengths, steps and sampling parameters are arrays, so a handful of programs serve a call.
 * Randomness: sample ``s`` of prompt ``i`` (its index in the caller's list) uses, at step
   ``t``, one uniform from ``fold_in(fold_in(fold_in(key(seed), i), s), t)``, turned into a
-  token by inverse-CDF sampling; nothing depends on how rows are batched, padded or spread
-  over devices.
+  token by inverse-CDF sampling; nothing depends on which slot, refill or device a row gets,
+  so any ``batch_size`` gives the same tokens (up to float32 rounding of near-ties).
 
 The decode step is its own function, not ``Llama.apply``: on CPU the generic forward costs
 several times more per token. It runs on a per-call copy of the weights (one array per
@@ -61,9 +64,6 @@ MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_ROUNDING = 32
 # The decoder returns to the host to refill its slots once 1/REFILL_FRACTION of them are free.
 REFILL_FRACTION = 8
-# Attention reads each row's cache up to a window that grows in steps of this many slots: rows
-# early in their generation do not pay for empty slots; every window size is one more program.
-WINDOW_STEP = 64
 
 # Logical axes of one layer's decode-layout cache (see _decode_step).
 DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "seq")
@@ -463,7 +463,7 @@ class Programs(NamedTuple):
     prefill_after: Any  # prompt suffixes after a shared prefix's cache (per row, suffix and prefix bucket)
     empty: Any  # an empty slot pool (per pool shape)
     insert: Any  # prefilled rows -> free slots, sampling their first token (per refill shape)
-    decode: Any  # the while-loop decoder over the pool (per pool shape x attention window)
+    decode: Any  # the while-loop decoder over the pool (per pool shape)
 
 
 def _pick(weights, logits, step, prompt_index, sample_index, s: Settings, greedy, candidates):
@@ -495,13 +495,13 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         return hidden[:, -1], cache
 
     def prefill_after(params, prefix, prefix_mask, tokens, positions, mask):
-        # prefix: KVCache [L, 1, C, Kh, D]; tokens/positions/mask [Bp, P]: suffixes, left-padded.
+        # prefix: KVCache [L, any, C, Kh, D] (row 0 is read); tokens/positions/mask [Bp, P]: suffixes, left-padded.
         B, P = tokens.shape
         C = prefix_mask.shape[0]
         full_mask = jnp.concatenate([jnp.broadcast_to(prefix_mask[None], (B, C)), mask], axis=1)
         cache = KVCache(
             *(
-                _constrain(jnp.pad(jnp.broadcast_to(t, (L, B) + t.shape[2:]), ((0, 0), (0, 0), (0, P), (0, 0), (0, 0))),
+                _constrain(jnp.pad(jnp.broadcast_to(t[:, :1], (L, B) + t.shape[2:]), ((0, 0), (0, 0), (0, P), (0, 0), (0, 0))),
                            mesh, KV_CACHE_AXES)
                 for t in prefix
             )
@@ -548,27 +548,26 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             put(pool.prompt_len, prompt_len), put(pool.prompt_index, prompt_index),
             put(pool.sample_index, sample_index), put(pool.token, token), put(pool.step, zero + 1),
             put(pool.done, stopped | (s.max_new <= 1)), put(pool.stopped, stopped),
-            put(pool.out_tokens, jnp.zeros_like(pool.out_tokens[: len(token)]).at[:, 0].set(token)),
-            put(pool.out_logprobs, jnp.zeros_like(pool.out_logprobs[: len(token)]).at[:, 0].set(logprob)),
+            put(pool.out_tokens, jnp.zeros((len(token), pool.out_tokens.shape[1]), jnp.int32).at[:, 0].set(token)),
+            put(pool.out_logprobs, jnp.zeros((len(token), pool.out_logprobs.shape[1])).at[:, 0].set(logprob)),
         )
 
-    def decode(weights, shared, pool: Slots, s: Settings, max_steps, refill_at, *, greedy: bool, candidates: int,
-               window: int):
-        """Up to ``max_steps`` decode steps of the whole pool; returns early once ``refill_at`` slots
-        are free (done), so the host can refill them. Attention reads the first ``window`` slots of
-        each row's cache only (the host picks it to cover every running row's steps)."""
+    def decode(weights, prefix, prefix_mask, pool: Slots, s: Settings, refill_at, *, greedy: bool, candidates: int):
+        """Decode steps of the whole pool until every row is done, or until ``refill_at`` slots are
+        free (done), so that the host can refill them."""
         B, P = pool.prompt_mask.shape
         rows = jnp.arange(B)
-        gen_ids = jnp.arange(window - P, dtype=jnp.int32)
-        caches = [(k[..., :window], v[:, :, :window]) for k, v in pool.caches]
+        gen_ids = jnp.arange(pool.caches[0][0].shape[-1] - P, dtype=jnp.int32)
+        # The shared prefix in decode layout, read by every row.
+        shared = ([(prefix.k[i, 0].transpose(1, 2, 0), prefix.v[i, 0].transpose(1, 0, 2)) for i in range(L)], prefix_mask)
 
         def cond(state):
-            i, _, _, done, *_ = state
-            return (i < max_steps) & (jnp.sum(done) < refill_at) & ~jnp.all(done)
+            _, _, done, *_ = state
+            return (jnp.sum(done) < refill_at) & ~jnp.all(done)
 
         def body(state):
-            i, token, step, done, stopped, out_tokens, out_logprobs, caches = state
-            slots = jnp.where(done, window, P + step - 1)  # where the previous token's keys and values go
+            token, step, done, stopped, out_tokens, out_logprobs, caches = state
+            slots = jnp.where(done, P + len(gen_ids), P + step - 1)  # where the previous token's keys and values go
             allowed = jnp.concatenate([pool.prompt_mask, gen_ids[None] <= (step - 1)[:, None]], axis=1)
             logits, caches = _decode_step(weights, config, mesh, token, pool.prompt_len + step - 1, caches, allowed,
                                           slots, shared)
@@ -579,15 +578,11 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             hit_stop = ~done & jnp.isin(new_token, s.stop_ids)
             step = step + (~done).astype(jnp.int32)
             token = jnp.where(done, token, new_token)
-            return (i + 1, token, step, done | hit_stop | (step >= s.max_new), stopped | hit_stop, out_tokens,
-                    out_logprobs, caches)
+            return (token, step, done | hit_stop | (step >= s.max_new), stopped | hit_stop, out_tokens, out_logprobs,
+                    caches)
 
-        state = (jnp.int32(0), pool.token, pool.step, pool.done, pool.stopped, pool.out_tokens, pool.out_logprobs, caches)
-        _, token, step, done, stopped, out_tokens, out_logprobs, caches = jax.lax.while_loop(cond, body, state)
-        caches = [
-            (jax.lax.dynamic_update_slice(k, wk, (0, 0, 0, 0)), jax.lax.dynamic_update_slice(v, wv, (0, 0, 0, 0)))
-            for (k, v), (wk, wv) in zip(pool.caches, caches)
-        ]
+        state = (pool.token, pool.step, pool.done, pool.stopped, pool.out_tokens, pool.out_logprobs, pool.caches)
+        token, step, done, stopped, out_tokens, out_logprobs, caches = jax.lax.while_loop(cond, body, state)
         return pool._replace(caches=caches, token=token, step=step, done=done, stopped=stopped, out_tokens=out_tokens,
                              out_logprobs=out_logprobs)
 
@@ -597,7 +592,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         jax.jit(prefill_after),
         jax.jit(empty, static_argnums=(0, 1, 2, 3)),
         jax.jit(insert, static_argnames=("greedy", "candidates"), donate_argnums=(1,)),
-        jax.jit(decode, static_argnames=("greedy", "candidates", "window"), donate_argnums=(2,)),
+        jax.jit(decode, static_argnames=("greedy", "candidates"), donate_argnums=(3,)),
     )
 
 
@@ -740,7 +735,7 @@ def generate_ids(
         stop_ids=jnp.asarray(config.stop_ids, jnp.int32),
     )
     weights = programs.prepare(model.params)
-    C, prefix, prefix_mask, shared = _shared_prefix(programs, model, prompt_ids, ways)
+    C, prefix, prefix_mask = _shared_prefix(programs, model, prompt_ids, ways)
     suffixes = [ids[C:] for ids in prompt_ids]
 
     # Rows (prompt, sample) wait in order of prompt length, so each refill prefills a tight bucket.
@@ -751,7 +746,6 @@ def generate_ids(
     refill_at = max(1, B // REFILL_FRACTION)
     pool = programs.empty(B, P, P + new_capacity, new_capacity)
     slot_row: list[tuple[int, int] | None] = [None] * B
-    steps = np.zeros(B, np.int64)
 
     token_ids: list[list[list[int]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
     logprobs: list[list[list[float]]] = [[[] for _ in range(config.n)] for _ in range(n_prompts)]
@@ -790,17 +784,11 @@ def generate_ids(
                 rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
                 pool = refill(pool, rows, free)
                 for b, row in zip(free, rows):
-                    slot_row[b], steps[b] = row, 1
-            # Attention reads only the slots that the running rows can reach in this call.
-            longest = max(int(steps[b]) for b, r in enumerate(slot_row) if r is not None)
-            window = min(P + new_capacity, P + -(-(longest + WINDOW_STEP) // WINDOW_STEP) * WINDOW_STEP)
-            pool = programs.decode(
-                weights, shared, pool, settings, jnp.int32(window - P - longest + 1),
-                jnp.int32(refill_at if waiting else B + 1), greedy=config.greedy, candidates=candidates, window=window,
-            )
+                    slot_row[b] = row
+            pool = programs.decode(weights, prefix, prefix_mask, pool, settings,
+                                   jnp.int32(refill_at if waiting else B + 1), greedy=config.greedy, candidates=candidates)
             step, done, stopped = jax.device_get((pool.step, pool.done, pool.stopped))
             finished = [b for b, r in enumerate(slot_row) if r is not None and done[b]]
-            steps[:] = step
             if finished:
                 out_tokens, out_logprobs = jax.device_get((pool.out_tokens, pool.out_logprobs))
                 for b in finished:
@@ -838,26 +826,25 @@ def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
 
 
 def _shared_prefix(programs: Programs, model, prompt_ids, ways: int):
-    """The common prefix's cache, prefilled once: as a KVCache [L, 1, Cb, Kh, D] with its mask [Cb]
-    (for prefilling the rest of each prompt) and in decode layout (for the decoder)."""
+    """The common prefix's length C and cache, prefilled once: a KVCache [L, ways, Cb, Kh, D] (each
+    row the same) with the prefix right-aligned in Cb slots, and its mask [Cb]."""
     c: LlamaConfig = model.config
     C = shared_prefix_length(prompt_ids)
     Cb = prompt_bucket(C)
     mask = np.zeros((ways, Cb), bool)
     mask[:, Cb - C:] = True
     if C == 0:
-        zeros = KVCache.zeros(c, 1, Cb, model.dtype)
-        prefix = KVCache(*(jax.device_put(z, mesh_lib.named_sharding(model.mesh, KV_CACHE_AXES, z.shape)) for z in zeros))
+        shape = (c.num_layers, ways, Cb, c.num_kv_heads, c.head_dim)
+        sharding = mesh_lib.named_sharding(model.mesh, KV_CACHE_AXES, shape)
+        prefix = KVCache(*(jax.device_put(np.zeros(shape, model.dtype), sharding) for _ in range(2)))
     else:
         tokens = np.zeros((ways, Cb), np.int32)
         tokens[:, Cb - C:] = prompt_ids[0][:C]
         positions = np.zeros((ways, Cb), np.int32)
         positions[:, Cb - C:] = np.arange(C)
         _, cache = programs.prefill(model.params, tokens, positions, mask)
-        prefix = KVCache(cache.k[:, :1], cache.v[:, :1])
-    shared = ([(prefix.k[i, 0].transpose(1, 2, 0), prefix.v[i, 0].transpose(1, 0, 2)) for i in range(c.num_layers)],
-              jnp.asarray(mask[0]))
-    return C, prefix, jnp.asarray(mask[0]), shared
+        prefix = cache  # every row holds the prefix; the programs read row 0
+    return C, prefix, jnp.asarray(mask[0])
 
 
 @functools.lru_cache(maxsize=None)

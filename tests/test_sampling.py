@@ -20,6 +20,7 @@ from mrjax.sampling import (
     cache_bucket,
     generate,
     generate_ids,
+    Programs,
     programs_for,
     prompt_bucket,
     sample_logits,
@@ -91,7 +92,7 @@ def _first_diff(a, b):
 @pytest.fixture(scope="module")
 def greedy_batched(smol):
     model, tok = smol
-    return generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)
+    return generate(model, tok, GREEDY_PROMPTS, GREEDY, progress=False)  # 8 rows in one fill of the slots
 
 
 def test_greedy_matches_transformers_batched_and_alone(smol, greedy_reference, greedy_batched):
@@ -118,35 +119,79 @@ def test_greedy_matches_transformers_on_an_8_device_mesh(smol, greedy_reference)
     check_against_reference(alone, [greedy_reference[6]], [0])
 
 
-@pytest.fixture
-def short_segments(monkeypatch):
-    """Decode in segments of 16 steps (each attending over a longer cache) instead of one loop."""
-    import mrjax.sampling as sampling
-
-    sampling._programs.cache_clear()
-    monkeypatch.setattr(sampling, "DECODE_SEGMENT", 16)
-    yield
-    sampling._programs.cache_clear()
-
-
-def test_segmented_decode_matches_transformers_and_one_loop(smol, greedy_reference, greedy_batched, tiny,
-                                                             short_segments):
+def test_continuous_batching_matches_transformers_and_one_batch(smol, greedy_reference, greedy_batched):
+    """Two slots for four prompts: rows finish at different steps and their slots are refilled
+    with waiting rows mid-generation; the tokens are HF's and the log-probs one batch's."""
     model, tok = smol
-    out = generate(model, tok, GREEDY_PROMPTS[:4], GREEDY, progress=False)  # 64 new tokens: 4 segments
+    out = generate(model, tok, GREEDY_PROMPTS[:4], dataclasses.replace(GREEDY, batch_size=2), progress=False)
     check_against_reference(out, greedy_reference[:4], range(4))
     for got, want in zip(out.logprobs, greedy_batched.logprobs[:4]):
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
-    # Sampling with stops mid-way: the same tokens as one loop (the seed fixes them per step).
-    tiny_model, _ = tiny
-    config = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, n=2, seed=5)
-    prompts = ["Tell me a story.", "Why?"]
-    segmented = generate(tiny_model, tok, prompts, config, progress=False)
-    import mrjax.sampling as sampling
 
-    sampling._programs.cache_clear()
-    sampling.DECODE_SEGMENT = 1024
-    one_loop = generate(tiny_model, tok, prompts, config, progress=False)
-    assert segmented.token_ids == one_loop.token_ids and segmented.finish_reasons == one_loop.finish_reasons
+
+def test_continuous_batching_gives_the_tokens_of_static_batches(smol):
+    """Prompts of mixed lengths, rows stopping at different points: any number of slots (1, 3:
+    refilled as rows end; all rows at once: one static batch) gives the same tokens, stops and
+    log-probs, because each row's randomness depends on (seed, prompt, sample, step) only.
+    (On the real model: a random one's near-uniform distributions let float32 rounding of a
+    different batch shape pick another token.)"""
+    model, tok = smol
+    prompts = [tok.encode(tok.chat(p)) for p in
+               ("Tell me a story.", "Why?", "Write a list of ten animals and say which one is largest.", "Hm", "One two three four five six seven eight.")]
+    config = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, n=2, seed=5, stop_ids=(tok.pad_id,),
+                            min_new_tokens=40)
+    free = generate_ids(model, prompts, config)
+    # End-of-turn ids: tokens that rows make at assorted steps (row r's token at step 3 + 7r).
+    rows = [t for per in free.token_ids for t in per]
+    config = dataclasses.replace(config, stop_ids=tuple(dict.fromkeys(rows[r][3 + 7 * r] for r in range(5))),
+                                 min_new_tokens=0)
+    static = generate_ids(model, prompts, dataclasses.replace(config, batch_size=len(prompts) * 2))
+    lengths = [n for per in static.lengths for n in per]
+    assert len(set(lengths)) > 2 and max(lengths) == 40  # rows end at assorted steps
+    assert any(r == "stop" for per in static.finish_reasons for r in per)
+    for slots in (1, 3):
+        out = generate_ids(model, prompts, dataclasses.replace(config, batch_size=slots))
+        assert out.token_ids == static.token_ids and out.finish_reasons == static.finish_reasons
+        for got, want in zip(out.logprobs, static.logprobs):
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_prefill_gives_the_logits_of_a_full_prefill(tiny):
+    """Prefilling the common prefix once and each prompt's rest after its cache gives the hidden
+    states (hence logits) and keys/values of prefilling every whole prompt."""
+    from mrjax.model.llama import KVCache
+    from mrjax.sampling import shared_prefix_length
+
+    model, tok = tiny
+    question = "Review the response below with the rubric. " * 3
+    prompts = [tok.encode(tok.chat(question + tail)) for tail in ("Short.", "A longer answer, with more words in it.", "x")]
+    C = shared_prefix_length(prompts)
+    assert C > 30 and all(p[:C] == prompts[0][:C] for p in prompts) and len({p[C] for p in prompts}) > 1
+    programs = programs_for(model)
+    longest = max(map(len, prompts))
+    P, S = prompt_bucket(longest), prompt_bucket(max(len(p) - C for p in prompts))
+    tokens, positions, mask = (np.zeros((3, P), np.int32), np.zeros((3, P), np.int32), np.zeros((3, P), bool))
+    rest = [np.zeros((3, S), np.int32), np.zeros((3, S), np.int32), np.zeros((3, S), bool)]
+    for j, ids in enumerate(prompts):
+        tokens[j, P - len(ids):], positions[j, P - len(ids):], mask[j, P - len(ids):] = ids, np.arange(len(ids)), True
+        n = len(ids) - C
+        rest[0][j, S - n:], rest[1][j, S - n:], rest[2][j, S - n:] = ids[C:], np.arange(C, len(ids)), True
+    full_hidden, full_cache = programs.prefill(model.params, tokens, positions, mask)
+    Cb = prompt_bucket(C)
+    prefix_tokens, prefix_positions, prefix_mask = np.zeros((1, Cb), np.int32), np.zeros((1, Cb), np.int32), np.zeros((1, Cb), bool)
+    prefix_tokens[0, Cb - C:], prefix_positions[0, Cb - C:], prefix_mask[0, Cb - C:] = prompts[0][:C], np.arange(C), True
+    _, prefix = programs.prefill(model.params, prefix_tokens, prefix_positions, prefix_mask)
+    hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask[0], *rest)
+    from mrjax.model.llama import unembedding
+
+    logits = lambda h: np.asarray(h, np.float64) @ np.asarray(unembedding(model.params, model.config), np.float64)
+    np.testing.assert_allclose(logits(hidden), logits(full_hidden), rtol=1e-4, atol=1e-4)
+    for j, ids in enumerate(prompts):  # the rest's keys/values sit where the full prefill has them
+        n = len(ids) - C
+        for got, want in ((cache.k, full_cache.k), (cache.v, full_cache.v)):
+            np.testing.assert_allclose(np.asarray(got[:, j, S - n:]), np.asarray(want[:, j, P - n:]), rtol=1e-4, atol=1e-5)
+    assert isinstance(cache, KVCache)
 
 
 def test_logprobs_are_the_unmodified_model_distribution(smol, greedy_batched):
@@ -317,14 +362,20 @@ def test_rows_stop_at_their_own_end_of_turn_and_nothing_follows(tiny):
 
 
 def test_compilations_are_bounded_by_the_buckets(tiny):
+    """100 prompts of assorted lengths through 16 slots: the programs compiled are bounded by the
+    prompt buckets (prefill and refill shapes) and the attention windows, not by the prompts."""
     model, _ = tiny
     rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 300, size=50)
+    lengths = rng.integers(1, 300, size=100)
     prompts = [rng.integers(10, 1000, size=n).tolist() for n in lengths]
-    config = SamplingConfig(max_new_tokens=3, temperature=0.9, top_k=20, batch_size=16, stop_ids=(0,))
-    generate_ids(model, [[5, 6, 7]], config)  # compiles prepare and the host-side helpers
+    config = SamplingConfig(max_new_tokens=70, temperature=0.9, top_k=20, batch_size=16, stop_ids=(0,))
+    free = generate_ids(model, prompts[:8], config)  # also compiles prepare and the host-side helpers
+    # A token that rows make mid-way becomes the end-of-turn id, so rows end at assorted steps.
+    made = np.bincount(np.concatenate([np.asarray(t[0][5:]) for t in free.token_ids]))
+    config = dataclasses.replace(config, stop_ids=(int(np.argmax(made)),))
     programs = programs_for(model)
-    cached_before = programs.prefill._cache_size() + programs.decode._cache_size()
+    cached = lambda: sum(getattr(programs, name)._cache_size() for name in Programs._fields)
+    before = cached()
     compiles = []
 
     def listener(event, duration, **_):
@@ -333,22 +384,18 @@ def test_compilations_are_bounded_by_the_buckets(tiny):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        generate_ids(model, prompts, config)
+        out = generate_ids(model, prompts, config)
         first = len(compiles)
         generate_ids(model, prompts, config)
         second = len(compiles) - first
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    # Buckets: rows sorted by prompt length go in batches of 16; a batch needs the prefill for its
-    # (rows, prompt bucket) and the decoder for its (rows, cache bucket). 50 = 3 x 16 + 2.
-    batches = np.split(np.sort(lengths), [16, 32, 48])
-    rows = [1 << (len(b) - 1).bit_length() for b in batches]
-    prefill_buckets = {(r, prompt_bucket(int(b.max()))) for r, b in zip(rows, batches)}
-    decode_buckets = {(r, cache_bucket(prompt_bucket(int(b.max())))) for r, b in zip(rows, batches)}
-    assert 0 < first <= len(prefill_buckets) + len(decode_buckets) < len(set(lengths.tolist())) / 3
+    assert len({n for per in out.lengths for n in per}) > 1  # rows end at different steps: real refills
+    # Per refill: one prefill and one insert per (rows, prompt bucket); one pool and one decoder.
+    buckets = {prompt_bucket(int(n)) for n in lengths}
+    assert 0 < first <= 2 * len(buckets) + 2 < len(prompts) / 2
     assert second == 0  # the same work again compiles nothing
-    cached_after = programs.prefill._cache_size() + programs.decode._cache_size()
-    assert cached_after - cached_before == first
+    assert cached() - before == first
 
 
 def test_many_batches_with_a_progress_bar(tiny, capsys):
