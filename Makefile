@@ -22,5 +22,6 @@ test: install-dev
 
 bench: install-dev
 	$(PYTHON) -m mrjax.bench sample --json
+	$(PYTHON) -m mrjax.bench workload --json   # add --reference hf,vllm --vllm-python <venv>/bin/python for vLLM
 	$(PYTHON) -m mrjax.bench dpo --json
 	$(PYTHON) -m mrjax.bench preferences --json
