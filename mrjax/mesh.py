@@ -114,6 +114,24 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
 
+def put(array: Any, sharding: NamedSharding) -> jax.Array:
+    """Host data (the same on every process) onto ``sharding``: each process places only its own
+    shards, so this works unchanged on one process and on many."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def put_batch(mesh: Mesh, array: Any) -> jax.Array:
+    """``array`` [rows, ...] with its rows split over the batch axis."""
+    array = np.asarray(array)
+    return put(array, named_sharding(mesh, ("batch",) + (None,) * (array.ndim - 1), array.shape))
+
+
+def put_replicated(mesh: Mesh, array: Any) -> jax.Array:
+    """``array`` whole on every device of the mesh."""
+    return put(array, NamedSharding(mesh, PartitionSpec()))
+
+
 def tree_shardings(mesh: Mesh, logical_tree: Any, abstract_tree: Any) -> Any:
     """Shardings for a tree of arrays given the matching tree of logical-name tuples."""
     return jax.tree.map(

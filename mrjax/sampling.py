@@ -466,7 +466,7 @@ class Programs(NamedTuple):
     decode: Any  # the while-loop decoder over the pool (per pool shape)
 
 
-def _pick(weights, logits, step, prompt_index, sample_index, s: Settings, greedy, candidates):
+def _pick(logits, step, prompt_index, sample_index, s: Settings, greedy, candidates):
     """Next token and its log-probability under the unmodified model, per row at ``step`` [B]."""
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     # Before min_new tokens the end-of-turn ids may not be drawn (HF's min_new_tokens).
@@ -539,7 +539,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         ]
         hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
         zero = jnp.zeros_like(row_prompt)
-        token, logprob = _pick(weights, _logits(weights, hidden), zero, prompt_index, sample_index, s, greedy, candidates)
+        token, logprob = _pick(_logits(weights, hidden), zero, prompt_index, sample_index, s, greedy, candidates)
         stopped = jnp.isin(token, s.stop_ids)
         put = lambda a, x: a.at[where].set(x, mode="drop")
         return Slots(
@@ -571,7 +571,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             allowed = jnp.concatenate([pool.prompt_mask, gen_ids[None] <= (step - 1)[:, None]], axis=1)
             logits, caches = _decode_step(weights, config, mesh, token, pool.prompt_len + step - 1, caches, allowed,
                                           slots, shared)
-            new_token, logprob = _pick(weights, logits, step, pool.prompt_index, pool.sample_index, s, greedy, candidates)
+            new_token, logprob = _pick(logits, step, pool.prompt_index, pool.sample_index, s, greedy, candidates)
             record = jnp.where(done, out_tokens.shape[1], step)  # finished rows record nothing
             out_tokens = out_tokens.at[rows, record].set(new_token, mode="drop")
             out_logprobs = out_logprobs.at[rows, record].set(logprob, mode="drop")
@@ -724,7 +724,7 @@ def generate_ids(
     candidates = _needs_candidates(config, c.vocab_size)
     new_capacity = -(-config.max_new_tokens // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING
     n_prompts = len(prompt_ids)
-    put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
+    put = functools.partial(mesh_lib.put_batch, mesh)
     settings = Settings(
         seed=jnp.uint32(config.seed % 2**32),
         max_new=jnp.int32(config.max_new_tokens),
@@ -756,15 +756,7 @@ def generate_ids(
         unique = list(dict.fromkeys(p for p, _ in rows))
         Pn = prompt_bucket(max(len(suffixes[p]) for p in unique))
         Bp = _row_bucket(len(unique), ways)
-        tokens = np.zeros((Bp, Pn), np.int32)
-        positions = np.zeros((Bp, Pn), np.int32)
-        mask = np.zeros((Bp, Pn), bool)
-        mask[len(unique):, Pn - 1] = True  # padding prompts: one dummy token keeps softmax finite
-        for j, p in enumerate(unique):
-            ids = suffixes[p]
-            tokens[j, Pn - len(ids):] = ids
-            positions[j, Pn - len(ids):] = np.arange(C, C + len(ids))
-            mask[j, Pn - len(ids):] = True
+        tokens, positions, mask = _left_padded([suffixes[p] for p in unique], Bp, Pn, start=C)
         last_hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask, put(tokens), put(positions),
                                                     put(mask))
         N = _row_bucket(len(rows), 1)
@@ -773,7 +765,7 @@ def generate_ids(
         row_of = {p: j for j, p in enumerate(unique)}
         for r, ((p, s), b) in enumerate(zip(rows, where)):
             fields[:, r] = (b, row_of[p], len(prompt_ids[p]), p, s)
-        return programs.insert(weights, pool, last_hidden, cache, put(mask), *(jnp.asarray(f) for f in fields),
+        return programs.insert(weights, pool, last_hidden, cache, put(mask), *(mesh_lib.put_replicated(mesh, f) for f in fields),
                                settings, greedy=config.greedy, candidates=candidates)
 
     bar = _progress_bar(len(waiting), progress)
@@ -814,6 +806,20 @@ def generate_ids(
     )
 
 
+def _left_padded(sequences: Sequence[Sequence[int]], rows: int, width: int, start: int = 0):
+    """tokens, positions, mask [rows, width] of prefill input: each sequence right-aligned, its
+    positions counted from ``start``; rows past the sequences hold one dummy token (a finite softmax)."""
+    tokens = np.zeros((rows, width), np.int32)
+    positions = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width), bool)
+    mask[len(sequences):, width - 1] = True
+    for j, ids in enumerate(sequences):
+        tokens[j, width - len(ids):] = ids
+        positions[j, width - len(ids):] = np.arange(start, start + len(ids))
+        mask[j, width - len(ids):] = True
+    return tokens, positions, mask
+
+
 def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
     """Tokens at the start of every prompt in common, leaving each prompt at least one of its own
     (whose prefill gives the first generated token)."""
@@ -836,15 +842,13 @@ def _shared_prefix(programs: Programs, model, prompt_ids, ways: int):
     if C == 0:
         shape = (c.num_layers, ways, Cb, c.num_kv_heads, c.head_dim)
         sharding = mesh_lib.named_sharding(model.mesh, KV_CACHE_AXES, shape)
-        prefix = KVCache(*(jax.device_put(np.zeros(shape, model.dtype), sharding) for _ in range(2)))
+        prefix = KVCache(*(mesh_lib.put(np.zeros(shape, model.dtype), sharding) for _ in range(2)))
     else:
-        tokens = np.zeros((ways, Cb), np.int32)
-        tokens[:, Cb - C:] = prompt_ids[0][:C]
-        positions = np.zeros((ways, Cb), np.int32)
-        positions[:, Cb - C:] = np.arange(C)
-        _, cache = programs.prefill(model.params, tokens, positions, mask)
+        tokens, positions, _ = _left_padded([prompt_ids[0][:C]] * ways, ways, Cb)
+        put = functools.partial(mesh_lib.put_batch, model.mesh)
+        _, cache = programs.prefill(model.params, put(tokens), put(positions), put(mask))
         prefix = cache  # every row holds the prefix; the programs read row 0
-    return C, prefix, jnp.asarray(mask[0])
+    return C, prefix, mesh_lib.put_replicated(model.mesh, mask[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -875,20 +879,12 @@ def next_token_logprobs(
     candidates = jnp.asarray(list(candidate_ids), jnp.int32)
     out = np.zeros((len(prompt_ids), len(candidate_ids)), np.float32)
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
-    put = lambda a: jax.device_put(a, mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1), a.shape))
+    put = functools.partial(mesh_lib.put_batch, mesh)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         P = prompt_bucket(max(len(prompt_ids[i]) for i in rows))
         B = _row_bucket(len(rows), ways)
-        tokens = np.zeros((B, P), np.int32)
-        positions = np.zeros((B, P), np.int32)
-        mask = np.zeros((B, P), bool)
-        mask[:, P - 1] = True  # padding rows: one dummy token keeps softmax finite
-        for r, i in enumerate(rows):
-            ids = prompt_ids[i]
-            tokens[r, P - len(ids) :] = ids
-            positions[r, P - len(ids) :] = np.arange(len(ids))
-            mask[r, P - len(ids) :] = True
+        tokens, positions, mask = _left_padded([prompt_ids[i] for i in rows], B, P)
         last_hidden, _ = programs.prefill(model.params, put(tokens), put(positions), put(mask))
         out[rows] = np.asarray(jax.device_get(score(model.params, last_hidden, candidates)))[: len(rows)]
     return out
