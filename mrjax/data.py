@@ -60,8 +60,13 @@ os.umask(_UMASK)
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write a file atomically and durably (temp file, fsync, rename, fsync of the folder), so a
-    reader never sees half a file and a file that exists survives a crash."""
+    reader never sees half a file and a file that exists survives a crash. In a multi-process
+    job only process 0 writes (the others compute the same text)."""
+    from mrjax.mesh import is_main_process
+
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

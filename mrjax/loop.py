@@ -34,6 +34,7 @@ import numpy as np
 from mrjax import faults, roles
 from mrjax import preferences as pf
 from mrjax.config import Config, ConfigError, to_dict
+from mrjax.mesh import agreed, barrier, is_main_process
 from mrjax.data import (
     SEED_PROMPTS,
     DataError,
@@ -187,13 +188,14 @@ class MetaRewardingRun:
         """Run ``fn`` unless ``where/.done/name.json`` says it is complete; returns its figures."""
         marker = where / ".done" / f"{name}.json"
         label = f"{where.relative_to(self.root)}/{name}" if where != self.root else name
-        if marker.is_file():
+        if agreed(marker.is_file()):  # process 0's view of the run directory decides, on every process
             self.skipped.append(label)
             return json.loads(marker.read_text())
         t0 = time.perf_counter()
         info = fn() or {}
-        info["wall_s"] = round(time.perf_counter() - t0, 3)
+        info["wall_s"] = round(agreed(time.perf_counter() - t0), 3)
         write_text(marker, json.dumps(info, indent=1, sort_keys=True) + "\n")
+        barrier(f"stage {label}")  # the stage's files are written before any process reads them
         figures = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items() if not isinstance(v, (dict, list)))
         log.info("%s done: %s", label, figures)
         return info
@@ -234,7 +236,8 @@ class MetaRewardingRun:
     def _bar(self, total: int, desc: str, unit: str = "row"):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, disable=not (self.progress and is_main_process()),
+                    dynamic_ncols=True)
 
     def generate_sharded(
         self,
@@ -263,7 +266,7 @@ class MetaRewardingRun:
             for j in range(shards):
                 path = shard_dir / f"{j:05d}.jsonl"
                 chunk = prompts[j * size:(j + 1) * size]
-                if path.is_file():
+                if agreed(path.is_file()):
                     rows = jsonl_objects(path)
                 else:
                     model, tokenizer = self.model(source), self._tokenizer
@@ -350,7 +353,7 @@ class MetaRewardingRun:
         self._check_or_write_config()
         T = self.it.iterations
         final = model_source(self.config, T)
-        if (self.root / ".done" / "run.json").is_file():
+        if agreed((self.root / ".done" / "run.json").is_file()):
             log.info("%s: the run is already complete; nothing to do", self.root)
             return LoopResult(self.root, final, self._summaries(), already_complete=True)
         log.info("run %s: %s, %d iterations (%s)", self.root, self.config.mode, T,
@@ -373,7 +376,7 @@ class MetaRewardingRun:
 
         path = self.root / "config.yaml"
         new = to_dict(self.config)
-        if path.is_file():
+        if agreed(path.is_file()):
             old = yaml.safe_load(path.read_text()) or {}
             changed = config_changes(old, new)
             if changed and not self.force_config:
@@ -385,6 +388,7 @@ class MetaRewardingRun:
                 return
             log.warning("%s: continuing with a changed config (--force-config): %s", self.root, "; ".join(changed))
         write_text(path, yaml.safe_dump(new, sort_keys=False))
+        barrier("config.yaml")
 
     def _summaries(self) -> list[dict]:
         out = []
@@ -526,7 +530,7 @@ class MetaRewardingRun:
 
     def run_iteration(self, t: int, source: str | Path) -> dict:
         where = self.root / f"iter_{t}"
-        if (where / ".done" / "summary.json").is_file():
+        if agreed((where / ".done" / "summary.json").is_file()):
             self.skipped.append(f"iter_{t}")
             return json.loads((where / "summary.json").read_text())
         log.info("iteration %d/%d (M_%d from %s)", t, self.it.iterations, t - 1, source)
@@ -541,7 +545,7 @@ class MetaRewardingRun:
             stage("judge_pairs", lambda: self.stage_judge_pairs(t, where))
         stage("train", lambda: self.stage_train(t, where, source))
         summary = self._stage_summary(t, where, judge_training)
-        if self.report:
+        if self.report and is_main_process():
             self.write_report()
         return summary
 
@@ -752,6 +756,7 @@ class MetaRewardingRun:
 
         model, tokenizer = self.model(source), self._tokenizer
         self._drop_model()  # the trainer consumes its parameters
+        barrier(f"rows {path}")  # written by process 0 just before
         rows = read_jsonl(path)
         room = config.train.max_length - 8
         kept = [(n, r) for n, r in rows if len(tokenizer.encode(tokenizer.chat(r["prompt"]))) <= room]
@@ -785,10 +790,13 @@ class MetaRewardingRun:
     def _export(self, model, hf_dir: Path) -> None:
         """Write M_t as an HF directory atomically (a temporary folder renamed when complete)."""
         tmp = hf_dir.with_name(hf_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, self._tokenizer)
-        shutil.rmtree(hf_dir, ignore_errors=True)
-        tmp.rename(hf_dir)
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, self._tokenizer)  # every process gathers the parameters; process 0 writes
+        if is_main_process():
+            shutil.rmtree(hf_dir, ignore_errors=True)
+            tmp.rename(hf_dir)
+        barrier(f"export {hf_dir}")
         self._drop_model()
 
     # ------------------------------------------------------------------ summary
@@ -797,10 +805,11 @@ class MetaRewardingRun:
         def summarize():
             summary = iteration_summary(t, where, judge_training)
             write_text(where / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
-            with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"iteration": t, **_flat(summary)}) + "\n")
-            _tensorboard(self.root, t, summary)
-            print_table(summary)
+            if is_main_process():
+                with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"iteration": t, **_flat(summary)}) + "\n")
+                _tensorboard(self.root, t, summary)
+                print_table(summary)
             return {"iteration": t}
 
         self._stage(where, "summary", summarize)

@@ -33,19 +33,88 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def initialize_distributed() -> None:
-    """Join a multi-host job when launched as one (TPU pods, or JAX_COORDINATOR_ADDRESS set)."""
-    # Must run before anything touches the backend (jax.devices() etc. would pin one process).
+    """Join a multi-process job when launched as one, before anything touches the backend.
+
+    - ``JAX_COORDINATOR_ADDRESS`` set (any launcher; ``launch/`` exports it): the address, with
+      ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``;
+    - TPU pod slices and SLURM jobs: detected by JAX itself.
+
+    ``JAX_LOCAL_DEVICE_IDS`` (comma-separated) names the accelerators a process drives.
+
+    CPU-only jobs get the gloo collectives. A process whose peer dies fails within
+    ``MRJAX_HEARTBEAT_TIMEOUT`` seconds (default 100) instead of waiting forever.
+    """
     if jax.distributed.is_initialized():
         return
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:  # generic multi-host GPU: the launcher exports address, process count and id
+    detected = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"))
+    if not address and not detected:
+        return
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeouts = dict(heartbeat_timeout_seconds=int(os.environ.get("MRJAX_HEARTBEAT_TIMEOUT", "100")),
+                    initialization_timeout=int(os.environ.get("MRJAX_INIT_TIMEOUT", "300")))
+    local = os.environ.get("JAX_LOCAL_DEVICE_IDS")  # e.g. "0,1,2,3,4,5,6,7": one process drives all its host's GPUs
+    if local:
+        timeouts["local_device_ids"] = [int(i) for i in local.split(",")]
+    if address:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={address} is set but {' and '.join(missing)} is not: "
+                             "every process needs the process count and its own id")
         jax.distributed.initialize(
             coordinator_address=address,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            **timeouts,
         )
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
-        jax.distributed.initialize()  # TPU pods and SLURM are detected by jax itself
+    else:  # JAX reads the slice or the SLURM step (under SLURM it gives each process one GPU unless told)
+        jax.distributed.initialize(**timeouts)
+    log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    if jax.process_index() != 0:  # one process reports; the others say only what goes wrong
+        logging.getLogger("mrjax").setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- many processes
+# Every process runs the same program (SPMD). Only process 0 writes files; decisions read from
+# the run directory are process 0's, broadcast, so no process takes another branch (and waits
+# in a collective the others never enter); results are gathered to every process in one order.
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def agreed(value: Any) -> Any:
+    """Process 0's ``value`` (a bool or number), on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return type(value)(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value))).item())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (e.g. until process 0's files of a stage are written)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def fetch(tree: Any) -> Any:
+    """``jax.device_get`` that also works for arrays split over processes: numpy arrays, whole, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

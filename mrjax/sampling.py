@@ -633,7 +633,7 @@ def _row_bucket(rows: int, ways: int) -> int:
 
 def _progress_bar(total: int, enabled: bool | None):
     show = enabled if enabled is not None else sys.stderr.isatty()
-    if not show or total <= 1:
+    if not show or total <= 1 or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
 
@@ -779,10 +779,10 @@ def generate_ids(
                     slot_row[b] = row
             pool = programs.decode(weights, prefix, prefix_mask, pool, settings,
                                    jnp.int32(refill_at if waiting else B + 1), greedy=config.greedy, candidates=candidates)
-            step, done, stopped = jax.device_get((pool.step, pool.done, pool.stopped))
+            step, done, stopped = mesh_lib.fetch((pool.step, pool.done, pool.stopped))
             finished = [b for b, r in enumerate(slot_row) if r is not None and done[b]]
             if finished:
-                out_tokens, out_logprobs = jax.device_get((pool.out_tokens, pool.out_logprobs))
+                out_tokens, out_logprobs = mesh_lib.fetch((pool.out_tokens, pool.out_logprobs))
                 for b in finished:
                     (p, s), n = slot_row[b], int(step[b])
                     token_ids[p][s] = out_tokens[b, :n].tolist()
@@ -886,7 +886,7 @@ def next_token_logprobs(
         B = _row_bucket(len(rows), ways)
         tokens, positions, mask = _left_padded([prompt_ids[i] for i in rows], B, P)
         last_hidden, _ = programs.prefill(model.params, put(tokens), put(positions), put(mask))
-        out[rows] = np.asarray(jax.device_get(score(model.params, last_hidden, candidates)))[: len(rows)]
+        out[rows] = mesh_lib.fetch(score(model.params, last_hidden, candidates))[: len(rows)]
     return out
 
 

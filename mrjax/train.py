@@ -100,7 +100,7 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def cli_main(run_fn, argv: list[str] | None = None) -> int:
+def cli_main(run_fn, argv: list[str] | None = None, print_summary: bool = True) -> int:
     """A command line around ``run_fn(argv) -> dict``: logging, one ``error:`` line and exit status 2
     for bad input, 130 on Ctrl-C, the result printed as JSON (``python -m mrjax.train`` / ``mrjax.eval``)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -121,7 +121,10 @@ def cli_main(run_fn, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (resume with the same command; the last checkpoint is kept)", file=sys.stderr)
         return 130
-    print(json.dumps(summary, default=str))
+    import jax
+
+    if print_summary and jax.process_index() == 0:
+        print(json.dumps(summary, default=str))
     return 0
 
 

@@ -35,7 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrjax.config import LOSS_TYPES
-from mrjax.mesh import named_sharding
+from mrjax.mesh import named_sharding, put
 from mrjax.model.llama import KVCache, unembedding
 
 DPO_METRICS = (
@@ -294,6 +294,12 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
     return {k: named_sharding(mesh, (None, "batch") + (None,) * (v.ndim - 2), v.shape) for k, v in batch.items()}
 
 
+def place_batch(mesh: Mesh, batch: dict) -> dict:
+    """Host batch arrays onto the mesh; in a multi-process job each process places only its rows."""
+    return {k: v if isinstance(v, jax.Array) else put(v, s) for (k, v), s in
+            zip(batch.items(), batch_shardings(mesh, batch).values())}
+
+
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
@@ -401,7 +407,8 @@ def make_train_step(
 
     cache: dict = {}
 
-    def run(state: TrainState, batch: dict):
+    def program(batch: dict):
+        """The jitted step for this batch's shapes (arrays or ShapeDtypeStructs: ``mrjax.plan`` lowers it)."""
         # One executable per batch shape (lengths are bucketed, so a handful); shardings declared for all inputs.
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in cache:
@@ -411,8 +418,12 @@ def make_train_step(
                 out_shardings=(shardings, replicated(mesh)),
                 donate_argnums=0,
             )
-        return cache[key](state, batch)
+        return cache[key]
 
+    def run(state: TrainState, batch: dict):
+        return program(batch)(state, place_batch(mesh, batch))
+
+    run.program = program
     run.compiled_shapes = cache  # for tests that count recompiles
     return run
 
@@ -435,7 +446,7 @@ def make_logps_fn(
             cache[key] = jax.jit(
                 logps, in_shardings=(param_shardings, batch_shardings(mesh, batch)), out_shardings=replicated(mesh)
             )
-        return cache[key](params, batch)
+        return cache[key](params, place_batch(mesh, batch))
 
     return run
 

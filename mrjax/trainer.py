@@ -30,8 +30,8 @@ import numpy as np
 from mrjax import train_step as ts
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import Config, ConfigError, to_dict
-from mrjax.data import Batcher, Examples, load_examples, sequential_batches
-from mrjax.mesh import batch_ways
+from mrjax.data import Batcher, Examples, load_examples, sequential_batches, write_text
+from mrjax.mesh import agreed, batch_ways, fetch, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Trainer:
         sums = np.zeros((len(examples), examples.repeats), np.float32)
         counts = np.zeros_like(sums)
         for batch, idx in self._sequential(examples):
-            s, c = jax.device_get(self._logps(params, batch))
+            s, c = fetch(self._logps(params, batch))
             sums[idx], counts[idx] = s[0, : len(idx)], c[0, : len(idx)]
         return sums, counts
 
@@ -118,7 +118,7 @@ class Trainer:
             return examples
         cache = self.run_dir / "reference_logps.npz"
         key = f"{name}:{examples.fingerprint}:{self.train_settings.max_length}:{_params_fingerprint(self.model.params)}"
-        stored = dict(np.load(cache)) if cache.is_file() else {}
+        stored = dict(np.load(cache)) if agreed(cache.is_file()) else {}
         if f"{name}_key" in stored and str(stored[f"{name}_key"]) == key:
             examples.ref_logps = stored[f"{name}_logps"].astype(np.float32)
             return examples
@@ -126,10 +126,11 @@ class Trainer:
         examples.ref_logps, _ = self.sequence_logps(examples)
         log.info("reference log-probs of %d %s pairs in %.1fs", len(examples), name, time.perf_counter() - t0)
         stored[f"{name}_key"], stored[f"{name}_logps"] = np.asarray(key), examples.ref_logps
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **stored)
-        tmp.replace(cache)
+        if is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, **stored)
+            tmp.replace(cache)
         return examples
 
     # ------------------------------------------------------------ evaluation
@@ -249,7 +250,8 @@ class Trainer:
 
         t = self.train_settings
         last_metrics: dict[str, float] = {}
-        bar = tqdm(total=total, initial=start, desc=self.kind, disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=self.kind, disable=not (self.progress and is_main_process()),
+                   dynamic_ncols=True)
         try:
             for step in range(start, total):
                 batch, indices = batcher.batch(step)
@@ -329,7 +331,7 @@ def _check_resume(meta: dict, run_meta: dict, batcher: Batcher, run_dir: Path) -
 def _write_config_snapshot(run_dir: Path, config: Config) -> None:
     import yaml
 
-    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text(run_dir / "train_config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 class _MetricsWriter:
@@ -338,6 +340,9 @@ class _MetricsWriter:
     def __init__(self, run_dir: Path, resume_step: int | None):
         from tensorboardX import SummaryWriter
 
+        self.enabled = is_main_process()  # the other processes of a multi-process job log nothing
+        if not self.enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             # Drop what a killed run logged after the checkpoint it resumes from.
@@ -349,6 +354,8 @@ class _MetricsWriter:
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         for key, value in metrics.items():
@@ -356,8 +363,9 @@ class _MetricsWriter:
         self.tb.flush()
 
     def close(self) -> None:
-        self.file.close()
-        self.tb.close()
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
 
 
 def build_trainer(

@@ -17,7 +17,6 @@ from mrjax.model.registry import RANDOM_CONFIGS
 from mrjax.sampling import (
     SamplingConfig,
     SamplingError,
-    cache_bucket,
     generate,
     generate_ids,
     Programs,

@@ -89,8 +89,8 @@ class Model:
             raise ValueError(f"token id {too_big} is outside the model's vocabulary of {self.config.vocab_size}")
         sharding = self.batch_sharding() if input_ids.shape[0] % mesh_lib.batch_ways(self.mesh) == 0 else None
         if sharding is not None:
-            input_ids = jax.device_put(input_ids, sharding)
-            attention_mask = jax.device_put(attention_mask, sharding)
+            input_ids = mesh_lib.put(input_ids, sharding)
+            attention_mask = mesh_lib.put(attention_mask, sharding)
         return self._forward(self.params, input_ids, attention_mask)
 
     def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from mrjax.mesh import fetch, is_main_process
 from mrjax.model.llama import LlamaConfig, RopeScaling
 
 
@@ -335,7 +336,7 @@ def params_to_hf_tensors(config: LlamaConfig, params: dict) -> dict[str, np.ndar
     """HF-named float32 tensors (gathered to the host) from mrjax parameters."""
     out = {}
     for path, (name, _, to_hf) in _layouts(config).items():
-        value = np.asarray(jax.device_get(_get(params, path)), dtype=np.float32)
+        value = np.asarray(fetch(_get(params, path)), dtype=np.float32)
         if path.startswith("layers/"):
             for i in range(config.num_layers):
                 out[name.format(i=i)] = np.ascontiguousarray(to_hf(value[i]))
@@ -351,12 +352,15 @@ def save_hf(
     tokenizer: Any | None = None,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """Write an HF Llama checkpoint directory that ``transformers`` loads."""
+    """Write an HF Llama checkpoint directory that ``transformers`` loads (every process gathers
+    the parameters; process 0 writes)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf_tensors(config, params)
+    if not is_main_process():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     hf_tok = getattr(tokenizer, "hf", tokenizer)
     bos = getattr(hf_tok, "bos_token_id", None)
     eos = list(getattr(tokenizer, "eos_ids", [])) or getattr(hf_tok, "eos_token_id", None)

@@ -1,0 +1,144 @@
+"""Scale-out end to end on one tiny loop iteration (generation, judging, meta-judging, DPO):
+
+- every mesh layout of 8 CPU devices makes the files and parameters of one device;
+- a real multi-process job, two OS processes joined by ``jax.distributed`` on localhost (4 CPU
+  devices each, gloo collectives), makes those of one process, through an orbax save and restore;
+- a killed process fails the other within a bounded time."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from loop_helpers import REPO, TINY, XLA_CACHE, rows
+
+pytestmark = pytest.mark.slow
+
+# One iteration with judge training (generation, judging, meta-judging, DPO with an orbax checkpoint per step).
+OVERRIDES = ["iteration.iterations=1", "eft.enabled=false", "--no-eval", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, fault: str | None = None, **extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    env.pop("MRJAX_FAULT", None)
+    if fault:
+        env["MRJAX_FAULT"] = fault
+    return env
+
+
+def _command(run_dir) -> list[str]:
+    return [sys.executable, "-m", "mrjax.train", "--config", str(TINY), f"run_dir={run_dir}", *OVERRIDES]
+
+
+def _start_job(run_dir, faults=(None, None), heartbeat_s: int = 100) -> list[subprocess.Popen]:
+    """Process 0 and process 1 of a two-process job (each its own XLA cache: no shared writes)."""
+    address = f"127.0.0.1:{_free_port()}"
+    return [
+        subprocess.Popen(_command(run_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(4, faults[i], JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                  JAX_PROCESS_ID=str(i), MRJAX_HEARTBEAT_TIMEOUT=str(heartbeat_s),
+                                  MRJAX_COMPILATION_CACHE=str(XLA_CACHE) + f"-process{i}"))
+        for i in range(2)
+    ]
+
+
+def _finish(processes, timeout=900) -> list[tuple[int, str, str]]:
+    out = []
+    for p in processes:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in processes:
+                q.kill()
+            raise
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def _params(run_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "iter_1" / "hf" / "model.safetensors"))
+
+
+LAYOUTS = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "fsdp2_tensor4": (1, 2, 4), "data2_fsdp2_tensor2": (2, 2, 2)}
+STAGE_FILES = ("prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judge_pairs")
+
+
+def _run_alone(run_dir, devices: int, mesh=(-1, 1, 1)):
+    data, fsdp, tensor = mesh
+    done = subprocess.run(_command(run_dir) + [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=_env(devices, MRJAX_COMPILATION_CACHE=str(XLA_CACHE) + f"-{devices}"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run directories by layout, made on first use ("one": one device)."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            made[name] = _run_alone(run_dir, 1) if name == "one" else _run_alone(run_dir, 8, LAYOUTS[name])
+        return made[name]
+
+    return get
+
+
+def _assert_same_run(ours, reference):
+    for name in STAGE_FILES:
+        assert rows(ours / "iter_1" / f"{name}.jsonl") == rows(reference / "iter_1" / f"{name}.jsonl"), name
+    assert rows(ours / "iter_1" / "actor_pairs.jsonl") and rows(ours / "iter_1" / "judge_pairs.jsonl")
+    a, b = _params(ours), _params(reference)
+    assert a.keys() == b.keys()
+    for key in b:  # sharded reductions add in another order: float32 rounding only
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_makes_the_files_and_parameters_of_one_device(runs, layout):
+    _assert_same_run(runs(layout), runs("one"))
+
+
+def test_two_processes_make_the_files_and_parameters_of_one(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    # First both processes are killed right after DPO's first step and its orbax checkpoint ...
+    killed = _finish(_start_job(run_dir, faults=("dpo:step1", "dpo:step1")))
+    assert [code for code, _, _ in killed] == [-signal.SIGKILL] * 2, [e[-2000:] for _, _, e in killed]
+    assert (run_dir / "iter_1" / "train" / "checkpoints" / "1").is_dir()
+    # ... then the job is started again: it restores the checkpoint from both processes and finishes.
+    (code0, out0, err0), (code1, out1, err1) = _finish(_start_job(run_dir))
+    assert code0 == 0 and code1 == 0, (err0[-3000:], err1[-3000:])
+    assert "from step 1" in err0  # the trainer's "resumed ... from step 1": DPO went on from the checkpoint
+    assert json.loads(out0.strip().splitlines()[-1])["final_model"].endswith("iter_1/hf")
+    assert out1.strip() == ""  # only process 0 reports ...
+    assert "INFO" not in err1  # ... and logs
+    _assert_same_run(run_dir, runs("data8"))  # one process over the same 8-device mesh
+
+
+def test_a_killed_process_fails_the_other_in_bounded_time(tmp_path):
+    """Process 1 dies in the middle of the actor's generation; process 0 must not wait forever."""
+    heartbeat = 10
+    processes = _start_job(tmp_path / "run", faults=(None, "responses:shard0"), heartbeat_s=heartbeat)
+    t0 = time.monotonic()
+    (code0, _, err0), (code1, _, _) = _finish(processes, timeout=600)
+    waited = time.monotonic() - t0
+    assert code1 == -signal.SIGKILL
+    assert code0 != 0
+    assert "process" in err0.lower() and ("died" in err0.lower() or "heartbeat" in err0.lower()
+                                           or "unavailable" in err0.lower()), err0[-3000:]
+    assert waited < 300, waited
