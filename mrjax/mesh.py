@@ -70,10 +70,10 @@ def initialize_distributed() -> None:
         )
     else:  # JAX reads the slice or the SLURM step (under SLURM it gives each process one GPU unless told)
         jax.distributed.initialize(**timeouts)
-    log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
     if jax.process_index() != 0:  # one process reports; the others say only what goes wrong
         logging.getLogger("mrjax").setLevel(logging.WARNING)
+    log.info("%d processes, %d devices in all (%d per process)", jax.process_count(), jax.device_count(),
+             jax.local_device_count())
 
 
 # ----------------------------------------------------------------------------- many processes

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -121,11 +122,31 @@ def cli_main(run_fn, argv: list[str] | None = None, print_summary: bool = True) 
     except KeyboardInterrupt:
         print("error: interrupted (resume with the same command; the last checkpoint is kept)", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - only a multi-process job's collectives are translated
+        _peer_failure(err)
+        raise
     import jax
 
     if print_summary and jax.process_index() == 0:
         print(json.dumps(summary, default=str))
     return 0
+
+
+PEER_FAILURE_EXIT = 3
+
+
+def _peer_failure(err: BaseException) -> None:
+    """In a multi-process job, a failed collective almost always means another process died: say so
+    in one line and exit now (JAX's shutdown barrier would otherwise wait for the dead peer, then abort)."""
+    import jax
+
+    if not (jax.distributed.is_initialized() and jax.process_count() > 1 and isinstance(err, jax.errors.JaxRuntimeError)):
+        return
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"error: process {jax.process_index()} of {jax.process_count()}: a collective with the other processes "
+          f"failed ({first}). Another process of this job most likely died or was killed: see its log. Start the "
+          "whole job again with the same command; it resumes from the run directory.", file=sys.stderr, flush=True)
+    os._exit(PEER_FAILURE_EXIT)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,8 @@ def test_left_padded_batch_matches_each_prompt_alone(smol, hf_smol, chat_ids):
         assert_logits_close(batched[row, -n:], hf_logits(hf_smol, prompt_ids))
 
 
-@pytest.mark.parametrize("sizes", [dict(data=1, fsdp=2, tensor=4), dict(data=8, fsdp=1, tensor=1)])
+@pytest.mark.parametrize("sizes", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                   dict(data=1, fsdp=2, tensor=4), dict(data=2, fsdp=2, tensor=2)])
 def test_same_logits_on_an_8_device_mesh(smol, chat_ids, sizes):
     model, tok = smol
     mesh = make_mesh(**sizes)

@@ -18,8 +18,12 @@ from loop_helpers import REPO, TINY, XLA_CACHE, rows
 
 pytestmark = pytest.mark.slow
 
-# One iteration with judge training (generation, judging, meta-judging, DPO with an orbax checkpoint per step).
-OVERRIDES = ["iteration.iterations=1", "eft.enabled=false", "--no-eval", "--quiet"]
+# One iteration with judge training; 8 DPO rows a step, split over the 8 devices. tiny-random's
+# next-token distribution is nearly flat (logits' std 0.16 over 49k tokens), so at T = 1 a
+# float32 rounding difference between layouts (1e-6) moves the inverse-CDF draw to a neighbour
+# token; at T = 0.01 the draws are among a few well-separated tokens and still differ per sample.
+OVERRIDES = ["iteration.iterations=1", "eft.enabled=false", "train.batch_size=8", "--no-eval", "--quiet",
+             *(f"iteration.{role}_temperature=0.01" for role in ("actor", "judge", "meta_judge"))]
 
 
 def _free_port() -> int:
@@ -99,9 +103,21 @@ def runs(tmp_path_factory):
     return get
 
 
+def _assert_same_rows(ours: list[dict], reference: list[dict], name: str):
+    """The same rows: texts, ids and choices equal; float figures (expected scores, Elo) to float32 rounding."""
+    assert len(ours) == len(reference), name
+    for a, b in zip(ours, reference):
+        assert a.keys() == b.keys(), name
+        for key in b:
+            if isinstance(b[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (name, key, a, b)
+            else:
+                assert a[key] == b[key], (name, key, a, b)
+
+
 def _assert_same_run(ours, reference):
     for name in STAGE_FILES:
-        assert rows(ours / "iter_1" / f"{name}.jsonl") == rows(reference / "iter_1" / f"{name}.jsonl"), name
+        _assert_same_rows(rows(ours / "iter_1" / f"{name}.jsonl"), rows(reference / "iter_1" / f"{name}.jsonl"), name)
     assert rows(ours / "iter_1" / "actor_pairs.jsonl") and rows(ours / "iter_1" / "judge_pairs.jsonl")
     a, b = _params(ours), _params(reference)
     assert a.keys() == b.keys()
@@ -125,7 +141,7 @@ def test_two_processes_make_the_files_and_parameters_of_one(runs, tmp_path):
     assert code0 == 0 and code1 == 0, (err0[-3000:], err1[-3000:])
     assert "from step 1" in err0  # the trainer's "resumed ... from step 1": DPO went on from the checkpoint
     assert json.loads(out0.strip().splitlines()[-1])["final_model"].endswith("iter_1/hf")
-    assert out1.strip() == ""  # only process 0 reports ...
+    assert not any(line.startswith("{") for line in out1.splitlines())  # only process 0 reports (gloo chats) ...
     assert "INFO" not in err1  # ... and logs
     _assert_same_run(run_dir, runs("data8"))  # one process over the same 8-device mesh
 
@@ -138,7 +154,7 @@ def test_a_killed_process_fails_the_other_in_bounded_time(tmp_path):
     (code0, _, err0), (code1, _, _) = _finish(processes, timeout=600)
     waited = time.monotonic() - t0
     assert code1 == -signal.SIGKILL
-    assert code0 != 0
-    assert "process" in err0.lower() and ("died" in err0.lower() or "heartbeat" in err0.lower()
-                                           or "unavailable" in err0.lower()), err0[-3000:]
-    assert waited < 300, waited
+    assert code0 == 3, err0[-3000:]  # mrjax.train.PEER_FAILURE_EXIT: no abort, no hang
+    assert "error: process 0 of 2: a collective with the other processes failed" in err0
+    assert "Another process of this job most likely died" in err0
+    assert waited < 120, waited

@@ -297,16 +297,17 @@ def test_full_dpo_step_matches_torch_adamw_step(tiny, hf_tiny, one_device_step):
         assert _rel_err(ours[name] - before[name].numpy(), p.detach().numpy() - before[name].numpy()) < 1e-3, name
 
 
-@pytest.mark.parametrize("shape", [dict(fsdp=2, tensor=4), dict(fsdp=8, tensor=1)])
+@pytest.mark.parametrize("shape", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                   dict(data=1, fsdp=2, tensor=4), dict(data=2, fsdp=2, tensor=2)])
 def test_sharded_step_equals_single_device(tiny, one_device_step, shape):
     model, tok = tiny
     assert len(jax.devices()) == 8
-    mesh = make_mesh(data=1, **shape)
+    mesh = make_mesh(**shape)
     p8, m8, state8 = _step_once(model, tok, mesh, jax.device_get(model.params), _train_settings(batch_size=8))
     # The state really is sharded as declared (not silently replicated).
     q = state8.params["layers"]["attn"]["q"]
     assert q.sharding.mesh.shape == mesh.shape and len({s.device for s in q.addressable_shards}) == 8
-    assert not q.sharding.is_fully_replicated
+    assert q.sharding.is_fully_replicated == (mesh.shape["fsdp"] * mesh.shape["tensor"] == 1)
     _assert_same_step((p8, m8), one_device_step)
 
 

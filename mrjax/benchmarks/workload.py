@@ -129,16 +129,23 @@ def run(args: argparse.Namespace) -> dict:
         hf, hf_tok = _load_reference("smollm2-135m-instruct", threads)
         sizes = [int(s) for s in args.hf_batch_sizes.split(",")]
         for role in roles:
+            print(f"HF generate {role.name}: probing batch sizes {sizes}, then every row ...", file=sys.stderr,
+                  flush=True)
             with load:
-                result["roles"][role.name]["hf_generate"] = _hf_role(hf, hf_tok.hf, tok, ids[role.name], role, sizes,
-                                                                     args.seed)
+                figures = _hf_role(hf, hf_tok.hf, tok, ids[role.name], role, sizes, args.seed)
+            result["roles"][role.name]["hf_generate"] = figures
+            print(f"HF generate {role.name}: {figures['tokens']} tokens in {figures['seconds']:.1f} s = "
+                  f"{figures['tokens_per_s']:.1f} tokens/s (batch {figures['batch_size']})", file=sys.stderr, flush=True)
     if "vllm" in references:
+        print(f"vLLM ({args.vllm_python}): starting the engine, then every role ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_hf(Path(tmp) / "model", tok)
             with load:
                 vllm = _vllm_roles(args.vllm_python, Path(tmp) / "model", roles, ids, tok.eos_ids, args.seed, threads)
         for name, figures in vllm.pop("roles").items():
             result["roles"][name]["vllm"] = figures
+            print(f"vLLM {name}: {figures['tokens']} tokens in {figures['seconds']:.1f} s = "
+                  f"{figures['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
         result["vllm_version"] = vllm["version"]
     _totals(result)
     result["other_load"] = round(max(load.samples), 2) if load.samples else None
