@@ -6,6 +6,7 @@ parameter count and the bytes of parameters and optimizer state per device.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -175,6 +176,16 @@ def _fix_for(facts: dict, config: Config, limit: int) -> str:
             f"({config.sampling.batch_size} now) or shard the batch over more devices (mesh.data)")
 
 
+def _abstract_params(c, param_dtype) -> dict:
+    import flax.linen as nn
+
+    from mrjax.model.llama import Llama
+
+    tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
+    return nn.unbox(jax.eval_shape(lambda rng: Llama(c, param_dtype=param_dtype).init(rng, tokens),
+                                   jax.random.key(0))["params"])
+
+
 def plan(config: Config, device_memory_gib: float | None = None, compile: bool = True) -> dict[str, Any]:
     """Per-device memory and FLOPs of the config's training step and decode step, and whether they fit.
 
@@ -196,11 +207,8 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     kind = "dpo" if config.mode in ("meta_rewarding", "self_rewarding") else config.mode
     dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
     shardings = param_shardings(c, mesh)
-    boxed = jax.eval_shape(lambda rng: Llama(c, param_dtype=param_dtype).init(rng, jax.ShapeDtypeStruct((1, 1), np.int32)),
-                           jax.random.key(0))["params"]
-    import flax.linen as nn
-
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          _abstract_params(c, param_dtype), shardings)
     tx, schedule = ts.make_optimizer(config.train, 1000)
     state_sh = ts.state_shardings(tx, shardings, params, mesh)
     state = ts.abstract_state(state_sh, tx, params)
@@ -227,19 +235,32 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     batch = _worst_batch(config, kind)
     facts["train_batch"] = {"rows": config.train.batch_size, "micro_batches": config.train.grad_accum,
                             "max_length": config.train.max_length}
-    for remat in (False, True):
+    def compiled_step(c, remat: bool, unroll: bool = False):
         module = Llama(c, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh,
-                       remat_policy=config.model.remat_policy)
-        step = ts.make_train_step(kind, module, tx, schedule, state_sh, mesh, config.dpo, config.train.max_logits_mb)
-        compiled = step.program(batch).lower(state, batch).compile()
-        memory = _memory(compiled)
+                       remat_policy=config.model.remat_policy, unroll_layers=unroll)
+        shardings_c = param_shardings(c, mesh)
+        params_c = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                _abstract_params(c, param_dtype), shardings_c)
+        tx_c, schedule_c = ts.make_optimizer(config.train, 1000)
+        state_sh_c = ts.state_shardings(tx_c, shardings_c, params_c, mesh)
+        step = ts.make_train_step(kind, module, tx_c, schedule_c, state_sh_c, mesh, config.dpo,
+                                  config.train.max_logits_mb)
+        return step.program(batch).lower(ts.abstract_state(state_sh_c, tx_c, params_c), batch).compile()
+
+    for remat in (False, True):
+        memory = _memory(compiled_step(c, remat))
         tag = "remat" if remat else "no_remat"
         facts[f"train_{tag}"] = memory
         if memory is not None:  # what the step needs beyond its inputs: activations, gradients, temporaries
             facts[f"train_{tag}_activation_bytes"] = memory["temp"]
         if remat == config.model.remat:
             facts["train_peak_bytes"] = memory["peak"] if memory else None
-            facts["train_step_flops_per_device"] = _flops(compiled)
+    # XLA's cost analysis counts a loop's body once, and the layers are one scanned loop: the step's
+    # FLOPs are those of unrolled 1- and 2-layer copies of the model, extrapolated (every layer is the same).
+    # (XLA:CPU's count leaves remat's recomputation out: about 2 x layer parameters x tokens more.)
+    one, two = (_flops(compiled_step(dataclasses.replace(c, num_layers=n), config.model.remat, unroll=True))
+                for n in (1, 2))
+    facts["train_step_flops_per_device"] = None if one is None or two is None else one + (c.num_layers - 1) * (two - one)
 
     facts.update(_decode_plan(config, c, mesh, dtype, param_dtype, params))
     facts["fits"] = None if limit is None else all(

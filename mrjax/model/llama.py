@@ -229,6 +229,7 @@ class Llama(nn.Module):
     remat: bool = False
     mesh: Mesh | None = None  # for activation sharding constraints
     remat_policy: str = "full"  # "full": recompute everything; "dots": keep matmul outputs
+    unroll_layers: bool = False  # the layer loop unrolled (mrjax.plan: XLA's cost analysis counts a loop body once)
 
     @nn.compact
     def __call__(
@@ -254,13 +255,15 @@ class Llama(nn.Module):
 
         block = Block
         if self.remat:
-            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.remat_policy])
+            # Inside the scan XLA cannot merge the recomputation with the forward pass; unrolled it could.
+            block = nn.remat(Block, prevent_cse=self.unroll_layers, policy=REMAT_POLICIES[self.remat_policy])
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
+            unroll=c.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, mesh=self.mesh, name="layers", **kw)
         layer_caches = None if cache is None else (cache.k, cache.v)
