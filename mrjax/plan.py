@@ -160,9 +160,10 @@ def _fix_for(facts: dict, config: Config, limit: int) -> str:
     if static > limit:
         need = math.ceil(static * facts["sharded_over"] / limit)
         if need > devices:
-            return (f"parameters, gradients and optimizer state alone need {static / GiB:.1f} GiB per device; even "
-                    f"sharded over all {devices} devices they do not fit in {limit / GiB:.1f} GiB: use at least "
-                    f"{need} devices (mesh.fsdp over all of them), or model.param_dtype: bfloat16")
+            where = f"even sharded over all {devices} devices" if devices > 1 else "on one device"
+            return (f"parameters, gradients and optimizer state alone need {static / GiB:.1f} GiB per device; {where} "
+                    f"they do not fit in {limit / GiB:.1f} GiB: use at least {need} devices (mesh.fsdp over all of "
+                    "them), or model.param_dtype: bfloat16")
         return (f"parameters, gradients and optimizer state need {static / GiB:.1f} GiB per device: shard them "
                 f"over at least {need} devices (mesh.fsdp={need}, now {config.mesh.fsdp}; mesh.tensor within a host)")
     train = facts.get("train_peak_bytes") or 0
@@ -235,7 +236,7 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     batch = _worst_batch(config, kind)
     facts["train_batch"] = {"rows": config.train.batch_size, "micro_batches": config.train.grad_accum,
                             "max_length": config.train.max_length}
-    def compiled_step(c, remat: bool, unroll: bool = False):
+    def compiled_step(c, remat: bool, unroll: bool = False, batch=batch):
         module = Llama(c, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh,
                        remat_policy=config.model.remat_policy, unroll_layers=unroll)
         shardings_c = param_shardings(c, mesh)
@@ -258,9 +259,13 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     # XLA's cost analysis counts a loop's body once, and the layers are one scanned loop: the step's
     # FLOPs are those of unrolled 1- and 2-layer copies of the model, extrapolated (every layer is the same).
     # (XLA:CPU's count leaves remat's recomputation out: about 2 x layer parameters x tokens more.)
-    one, two = (_flops(compiled_step(dataclasses.replace(c, num_layers=n), config.model.remat, unroll=True))
-                for n in (1, 2))
-    facts["train_step_flops_per_device"] = None if one is None or two is None else one + (c.num_layers - 1) * (two - one)
+    # The micro-batches are a loop too: one micro-batch's step, times their number (the optimizer's
+    # update, counted that many times, is a few FLOPs per parameter: nothing next to the matmuls).
+    micro = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+    one, two = (_flops(compiled_step(dataclasses.replace(c, num_layers=n), config.model.remat, unroll=True,
+                                     batch=micro)) for n in (1, 2))
+    facts["train_step_flops_per_device"] = (None if one is None or two is None else
+                                            config.train.grad_accum * (one + (c.num_layers - 1) * (two - one)))
 
     facts.update(_decode_plan(config, c, mesh, dtype, param_dtype, params))
     facts["fits"] = None if limit is None else all(
@@ -275,20 +280,26 @@ def _decode_plan(config: Config, c, mesh, dtype, param_dtype, params) -> dict[st
     """The sampler's decoder on the config's largest pool: its memory (weights + KV cache) and the FLOPs of a step."""
     import jax.numpy as jnp
 
-    from mrjax.mesh import batch_ways
+    from mrjax.mesh import batch_ways, named_sharding
     from mrjax.model.llama import Llama
-    from mrjax.sampling import KVCache, Settings, _programs, prompt_bucket
+    from mrjax.sampling import KV_CACHE_AXES, KVCache, Settings, _programs, prompt_bucket
 
     module = Llama(c, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     programs = _programs(module, mesh, dtype)
     slots, prompt, new = _sampling_shapes(config)
     ways = batch_ways(mesh)
     slots = -(-slots // ways) * ways
-    weights = jax.eval_shape(programs.prepare, params)
-    pool = jax.eval_shape(lambda: programs.empty(slots, prompt, prompt + new, new))
+    def placed(program, *args):  # a program's outputs as ShapeDtypeStructs with the shardings it gives them
+        compiled = program.lower(*args).compile()
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(program, *args), compiled.output_shardings)
+
+    weights = placed(programs.prepare, params)
+    pool = placed(programs.empty, slots, prompt, prompt + new, new)
     cb = prompt_bucket(1)
     prefix_shape = (c.num_layers, ways, cb, c.num_kv_heads, c.head_dim)
-    prefix = KVCache(*(jax.ShapeDtypeStruct(prefix_shape, dtype) for _ in range(2)))
+    prefix_sharding = named_sharding(mesh, KV_CACHE_AXES, prefix_shape)
+    prefix = KVCache(*(jax.ShapeDtypeStruct(prefix_shape, dtype, sharding=prefix_sharding) for _ in range(2)))
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
     settings = Settings(scalar(jnp.uint32), scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
                         scalar(jnp.float32), scalar(jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
@@ -309,7 +320,7 @@ def _decode_plan(config: Config, c, mesh, dtype, param_dtype, params) -> dict[st
 def format_plan(facts: dict) -> str:
     """The plan as a short table, GiB per device."""
     g = lambda b: "-" if b is None else f"{b / GiB:.2f} GiB" if b >= GiB / 4 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    f = lambda x: "-" if x is None else f"{x / 1e12:.3g} TFLOP"  # noqa: E731
+    f = lambda x: "-" if x is None else f"{x / 1e12:,.3f} TFLOP" if x < 1e14 else f"{x / 1e12:,.0f} TFLOP"  # noqa: E731
     lines = [
         f"model {facts['model']}: {facts['parameters'] / 1e6:,.1f}M parameters ({facts['param_dtype']}, compute "
         f"{facts['dtype']}), mesh {facts['mesh']} = {facts['devices']} devices",
