@@ -134,8 +134,11 @@ def test_two_processes_make_the_files_and_parameters_of_one(runs, tmp_path):
     run_dir = tmp_path / "run"
     # First both processes are killed right after DPO's first step and its orbax checkpoint ...
     killed = _finish(_start_job(run_dir, faults=("dpo:step1", "dpo:step1")))
-    assert [code for code, _, _ in killed] == [-signal.SIGKILL] * 2, [e[-2000:] for _, _, e in killed]
-    assert (run_dir / "iter_1" / "train" / "checkpoints" / "1").is_dir()
+    # A process whose peer has already killed itself may be aborted by JAX's coordination service
+    # (SIGABRT) just before it reaches its own kill point; either way the job is dead after step 1.
+    errors = [[line for line in e.splitlines() if "rror" in line][:5] for _, _, e in killed]
+    assert {code for code, _, _ in killed} <= {-signal.SIGKILL, -signal.SIGABRT}, errors
+    assert (run_dir / "iter_1" / "train" / "checkpoints" / "1").is_dir(), errors
     # ... then the job is started again: it restores the checkpoint from both processes and finishes.
     (code0, out0, err0), (code1, out1, err1) = _finish(_start_job(run_dir))
     assert code0 == 0 and code1 == 0, (err0[-3000:], err1[-3000:])
