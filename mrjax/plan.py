@@ -42,8 +42,7 @@ def model_config(name: str):
 
 def dry_run(config: Config) -> dict[str, Any]:
     from mrjax.mesh import mesh_from_settings
-    from mrjax.model.pretrained import _dtype, param_shardings
-    from mrjax.model.llama import Llama
+    from mrjax.model.pretrained import _dtype
 
     facts: dict[str, Any] = {"mode": config.mode, "run_dir": config.run_dir}
     if config.mode in ("meta_rewarding", "self_rewarding"):
@@ -64,15 +63,10 @@ def dry_run(config: Config) -> dict[str, Any]:
         mesh = mesh_from_settings(config.mesh)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    module = Llama(c, dtype=_dtype(config.model.dtype), param_dtype=_dtype(config.model.param_dtype))
-    tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
-    abstract = jax.eval_shape(lambda rng: module.init(rng, tokens), jax.random.key(0))["params"]
-    leaves = jax.tree.leaves(jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, abstract,
-                                          is_leaf=lambda x: hasattr(x, "names")))
-    shardings = jax.tree.leaves(param_shardings(c, mesh))
-    count = sum(int(np.prod(x.shape)) for x in leaves)
-    per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, shardings))
-    per_device_f32 = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for x, s in zip(leaves, shardings))
+    params = _abstract_params(c, _dtype(config.model.param_dtype), mesh)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    per_device = _bytes_per_device(params)
+    per_device_f32 = _bytes_per_device(jax.tree.map(lambda x: x.update(dtype=np.float32), params))
     facts.update({
         "model": config.model.name, "parameters": count, "layers": c.num_layers, "hidden": c.hidden_size,
         "mesh": dict(mesh.shape), "devices": mesh.size,
@@ -177,14 +171,31 @@ def _fix_for(facts: dict, config: Config, limit: int) -> str:
             f"({config.sampling.batch_size} now) or shard the batch over more devices (mesh.data)")
 
 
-def _abstract_params(c, param_dtype) -> dict:
+def _abstract_params(c, param_dtype, mesh=None) -> dict:
+    """ShapeDtypeStructs of the parameters (with their shardings on ``mesh``, if given); nothing allocated."""
     import flax.linen as nn
 
     from mrjax.model.llama import Llama
+    from mrjax.model.pretrained import param_shardings
 
     tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
-    return nn.unbox(jax.eval_shape(lambda rng: Llama(c, param_dtype=param_dtype).init(rng, tokens),
-                                   jax.random.key(0))["params"])
+    params = nn.unbox(jax.eval_shape(lambda rng: Llama(c, param_dtype=param_dtype).init(rng, tokens),
+                                     jax.random.key(0))["params"])
+    if mesh is None:
+        return params
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                        param_shardings(c, mesh))
+
+
+def _abstract_training(config: Config, c, param_dtype, mesh):
+    """(params, optimizer, schedule, state shardings, abstract state) of a training run of model ``c``."""
+    from mrjax import train_step as ts
+    from mrjax.model.pretrained import param_shardings
+
+    params = _abstract_params(c, param_dtype, mesh)
+    tx, schedule = ts.make_optimizer(config.train, 1000)
+    state_sh = ts.state_shardings(tx, param_shardings(c, mesh), params, mesh)
+    return params, tx, schedule, state_sh, ts.abstract_state(state_sh, tx, params)
 
 
 def plan(config: Config, device_memory_gib: float | None = None, compile: bool = True) -> dict[str, Any]:
@@ -198,7 +209,7 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     from mrjax import train_step as ts
     from mrjax.mesh import mesh_from_settings
     from mrjax.model.llama import Llama
-    from mrjax.model.pretrained import _dtype, param_shardings
+    from mrjax.model.pretrained import _dtype
 
     c = model_config(config.model.name)
     try:
@@ -207,12 +218,7 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
         raise ConfigError(str(err)) from None
     kind = "dpo" if config.mode in ("meta_rewarding", "self_rewarding") else config.mode
     dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
-    shardings = param_shardings(c, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          _abstract_params(c, param_dtype), shardings)
-    tx, schedule = ts.make_optimizer(config.train, 1000)
-    state_sh = ts.state_shardings(tx, shardings, params, mesh)
-    state = ts.abstract_state(state_sh, tx, params)
+    params, _, _, _, state = _abstract_training(config, c, param_dtype, mesh)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     param_bytes = _bytes_per_device(params)
     facts: dict[str, Any] = {
@@ -239,14 +245,9 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     def compiled_step(c, remat: bool, unroll: bool = False, batch=batch):
         module = Llama(c, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh,
                        remat_policy=config.model.remat_policy, unroll_layers=unroll)
-        shardings_c = param_shardings(c, mesh)
-        params_c = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                _abstract_params(c, param_dtype), shardings_c)
-        tx_c, schedule_c = ts.make_optimizer(config.train, 1000)
-        state_sh_c = ts.state_shardings(tx_c, shardings_c, params_c, mesh)
-        step = ts.make_train_step(kind, module, tx_c, schedule_c, state_sh_c, mesh, config.dpo,
-                                  config.train.max_logits_mb)
-        return step.program(batch).lower(ts.abstract_state(state_sh_c, tx_c, params_c), batch).compile()
+        _, tx, schedule, state_sh, state = _abstract_training(config, c, param_dtype, mesh)
+        step = ts.make_train_step(kind, module, tx, schedule, state_sh, mesh, config.dpo, config.train.max_logits_mb)
+        return step.program(batch).lower(state, batch).compile()
 
     for remat in (False, True):
         memory = _memory(compiled_step(c, remat))

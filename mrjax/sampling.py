@@ -837,14 +837,12 @@ def _shared_prefix(programs: Programs, model, prompt_ids, ways: int):
     c: LlamaConfig = model.config
     C = shared_prefix_length(prompt_ids)
     Cb = prompt_bucket(C)
-    mask = np.zeros((ways, Cb), bool)
-    mask[:, Cb - C:] = True
+    tokens, positions, mask = _left_padded([prompt_ids[0][:C]] * ways, ways, Cb)
     if C == 0:
         shape = (c.num_layers, ways, Cb, c.num_kv_heads, c.head_dim)
         sharding = mesh_lib.named_sharding(model.mesh, KV_CACHE_AXES, shape)
         prefix = KVCache(*(mesh_lib.put(np.zeros(shape, model.dtype), sharding) for _ in range(2)))
     else:
-        tokens, positions, _ = _left_padded([prompt_ids[0][:C]] * ways, ways, Cb)
         put = functools.partial(mesh_lib.put_batch, model.mesh)
         _, cache = programs.prefill(model.params, put(tokens), put(positions), put(mask))
         prefix = cache  # every row holds the prefix; the programs read row 0

@@ -12,7 +12,7 @@ from mrjax import train_step as ts
 from mrjax.config import ConfigError, load_config
 from mrjax.mesh import mesh_from_settings
 from mrjax.model.pretrained import init_params, param_shardings
-from mrjax.plan import GiB, format_plan, model_config, plan
+from mrjax.plan import GiB, _worst_batch, format_plan, model_config, plan
 
 
 def _bytes_on(device, tree) -> int:
@@ -37,8 +37,9 @@ def test_sizes_are_those_of_the_real_arrays_and_of_xla(overrides):
 
     # XLA's view of the same step: its inputs are the state and the batch.
     train = facts["train_no_remat"]
+    abstract_batch = _worst_batch(config, "dpo")
     batch = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-                for x, s in zip(_batch(config), ts.batch_shardings(mesh, _batch_dict(config)).values()))
+                for x, s in zip(abstract_batch.values(), ts.batch_shardings(mesh, abstract_batch).values()))
     expected = facts["param_bytes"] + facts["optimizer_bytes"] + batch
     assert abs(train["argument"] - expected) <= 0.1 * expected, (train, expected)
     # Remat keeps less of the forward pass for the backward pass.
@@ -46,16 +47,6 @@ def test_sizes_are_those_of_the_real_arrays_and_of_xla(overrides):
     assert facts["train_step_flops_per_device"] > 0 and facts["decode_step_flops_per_device"] > 0
     assert facts["kv_cache_bytes"] > 0 and facts["sampling_peak_bytes"] >= facts["kv_cache_bytes"]
     assert "per device" in format_plan(facts)
-
-
-def _batch_dict(config):
-    from mrjax.plan import _worst_batch
-
-    return _worst_batch(config, "dpo")
-
-
-def _batch(config):
-    return list(_batch_dict(config).values())
 
 
 def test_training_flops_agree_with_the_six_n_d_rule():
