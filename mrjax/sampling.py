@@ -62,6 +62,8 @@ SAMPLING_BLOCK = 256
 MIN_PROMPT_BUCKET = 16
 # Generated-token buffers and the cache are sized to max_new_tokens rounded up to this.
 NEW_TOKENS_ROUNDING = 32
+# Prompts that share at least this many tokens beyond the call's prefix prefill them once as a group.
+MIN_GROUP_PREFIX = 32
 # The decoder returns to the host to refill its slots once 1/REFILL_FRACTION of them are free.
 REFILL_FRACTION = 8
 
@@ -494,8 +496,9 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         hidden, cache = module.apply({"params": params}, tokens, positions, mask, cache, jnp.int32(0), return_hidden=True)
         return hidden[:, -1], cache
 
-    def prefill_after(params, prefix, prefix_mask, tokens, positions, mask):
+    def prefill_after(params, prefix, prefix_mask, tokens, positions, mask, *, keep: int = 0):
         # prefix: KVCache [L, any, C, Kh, D] (row 0 is read); tokens/positions/mask [Bp, P]: suffixes, left-padded.
+        # Returns the cache of the suffixes, after the prefix's last ``keep`` slots (a group prefix's own part).
         B, P = tokens.shape
         C = prefix_mask.shape[0]
         full_mask = jnp.concatenate([jnp.broadcast_to(prefix_mask[None], (B, C)), mask], axis=1)
@@ -508,7 +511,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         )
         hidden, cache = module.apply({"params": params}, tokens, positions, full_mask, cache, jnp.int32(C),
                                      return_hidden=True)
-        return hidden[:, -1], KVCache(cache.k[:, :, C:], cache.v[:, :, C:])
+        return hidden[:, -1], KVCache(cache.k[:, :, C - keep:], cache.v[:, :, C - keep:])
 
     def empty(rows, prompt_slots, cache_slots, new_capacity):
         zeros = lambda shape, dt=jnp.int32: _constrain(jnp.zeros(shape, dt), mesh, ("batch",) + (None,) * (len(shape) - 1))
@@ -589,7 +592,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
     return Programs(
         jax.jit(prepare),
         jax.jit(prefill),
-        jax.jit(prefill_after),
+        jax.jit(prefill_after, static_argnames=("keep",)),
         jax.jit(empty, static_argnums=(0, 1, 2, 3)),
         jax.jit(insert, static_argnames=("greedy", "candidates"), donate_argnums=(1,)),
         jax.jit(decode, static_argnames=("greedy", "candidates"), donate_argnums=(3,)),
@@ -737,12 +740,23 @@ def generate_ids(
     weights = programs.prepare(model.params)
     C, prefix, prefix_mask = _shared_prefix(programs, model, prompt_ids, ways)
     suffixes = [ids[C:] for ids in prompt_ids]
+    group, group_len = prefix_groups(suffixes)
+    members = collections.defaultdict(list)
+    for p in range(n_prompts):
+        members[group[p]].append(p)
+    own_len = [len(suffixes[p]) - group_len[p] for p in range(n_prompts)]  # prefilled per prompt
 
-    # Rows (prompt, sample) wait in order of prompt length, so each refill prefills a tight bucket.
-    order = sorted(range(n_prompts), key=lambda i: (len(suffixes[i]), i))
+    # Rows (prompt, sample) wait group by group, in order of prompt length, so each refill
+    # prefills tight buckets and a group's prefix cache lives while its rows are placed.
+    group_rank = {g: (min(own_len[p] for p in ps), ps[0]) for g, ps in members.items()}
+    order = sorted(range(n_prompts), key=lambda i: (group_rank[group[i]], own_len[i], i))
     waiting = collections.deque((p, s) for p in order for s in range(config.n))
     B = min(_row_bucket(len(waiting), ways), -(-config.batch_size // ways) * ways)
-    P = cache_bucket(prompt_bucket(max(len(t) for t in suffixes)))
+    kept = lambda g: min(prompt_bucket(group_len[members[g][0]]), prompt_bucket(C + group_len[members[g][0]]))
+    P = cache_bucket(max((kept(g) if group_len[ps[0]] else 0) + prompt_bucket(max(own_len[p] for p in ps))
+                         for g, ps in members.items()))
+    unplaced = collections.Counter(group[p] for p, _ in waiting)
+    group_caches: dict[int, tuple] = {}
     refill_at = max(1, B // REFILL_FRACTION)
     pool = programs.empty(B, P, P + new_capacity, new_capacity)
     slot_row: list[tuple[int, int] | None] = [None] * B
@@ -752,13 +766,32 @@ def generate_ids(
     finish: list[list[str]] = [[FINISH_LENGTH] * config.n for _ in range(n_prompts)]
 
     def refill(pool, rows, where):
-        """Prefill the prompts of ``rows`` (each distinct prompt once) and put the rows in slots ``where``."""
+        """Prefill the prompts of ``rows`` (each distinct prompt once, group by group) and put the
+        rows in slots ``where``."""
+        for g in dict.fromkeys(group[p] for p, _ in rows):
+            mine = [(row, b) for row, b in zip(rows, where) if group[row[0]] == g]
+            pool = refill_group(pool, g, [row for row, _ in mine], [b for _, b in mine])
+            unplaced[g] -= len(mine)
+            if unplaced[g] == 0:
+                group_caches.pop(g, None)
+        return pool
+
+    def refill_group(pool, g, rows, where):
         unique = list(dict.fromkeys(p for p, _ in rows))
-        Pn = prompt_bucket(max(len(suffixes[p]) for p in unique))
+        G = group_len[unique[0]]
+        Pn = prompt_bucket(max(own_len[p] for p in unique))
         Bp = _row_bucket(len(unique), ways)
-        tokens, positions, mask = _left_padded([suffixes[p] for p in unique], Bp, Pn, start=C)
-        last_hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask, put(tokens), put(positions),
-                                                    put(mask))
+        tokens, positions, mask = _left_padded([suffixes[p][G:] for p in unique], Bp, Pn, start=C + G)
+        if G == 0:
+            last_hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask, put(tokens),
+                                                        put(positions), put(mask))
+        else:
+            if g not in group_caches:
+                group_caches[g] = _group_prefix(programs, model, prompt_ids[unique[0]], C, G, ways)
+            group_cache, group_mask, keep, own = group_caches[g]
+            last_hidden, cache = programs.prefill_after(model.params, group_cache, group_mask, put(tokens),
+                                                        put(positions), put(mask), keep=keep)
+            mask = np.concatenate([np.broadcast_to(own, (Bp, keep)), mask], axis=1)
         N = _row_bucket(len(rows), 1)
         fields = np.zeros((5, N), np.int32)  # slot, prefill row, prompt length, prompt index, sample index
         fields[0] = B  # padding entries go nowhere
@@ -829,6 +862,56 @@ def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
     while n < limit and all(ids[n] == first[n] for ids in prompt_ids):
         n += 1
     return n
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(suffixes: Sequence[Sequence[int]], min_length: int = MIN_GROUP_PREFIX) -> tuple[list[int], list[int]]:
+    """Groups of prompts that share a further prefix (after the call's shared one): the
+    meta-judge's calls for one response share its question, response and rubric. Returns per
+    prompt its group id and the group prefix's length (0: no group; else at least ``min_length``,
+    leaving each prompt at least one token of its own).
+
+    Prompts are sorted; a run grows while the next prompt shares at least ``min_length`` tokens
+    with it, joining does not shrink the run's total of shared tokens, and a run of one is not
+    left for a prompt that shares twice as much with the next one."""
+    order = sorted(range(len(suffixes)), key=lambda i: (list(suffixes[i]), i))
+    runs: list[tuple[list[int], int]] = []  # (members, common length)
+    for at, i in enumerate(order):
+        if runs:
+            members, common = runs[-1]
+            shared = min(common, _common_length(suffixes[members[0]], suffixes[i]))
+            following = _common_length(suffixes[i], suffixes[order[at + 1]]) if at + 1 < len(order) else 0
+            if shared >= min_length and shared * len(members) >= common * (len(members) - 1) and (
+                    len(members) > 1 or following < 2 * shared):
+                runs[-1] = (members + [i], shared)
+                continue
+        runs.append(([i], len(suffixes[i])))
+    group, length = [0] * len(suffixes), [0] * len(suffixes)
+    for g, (members, common) in enumerate(runs):
+        G = min([common] + [len(suffixes[i]) - 1 for i in members]) if len(members) > 1 else 0
+        for i in members:
+            group[i], length[i] = g, G if G >= min_length else 0
+    return group, length
+
+
+def _group_prefix(programs: Programs, model, prompt_ids, C: int, G: int, ways: int):
+    """The cache of a group's prefix (its first C + G tokens, right-aligned in a prompt bucket), its
+    mask, how many trailing slots hold the group's own part (a bucket of G) and their mask."""
+    width = prompt_bucket(C + G)
+    tokens, positions, mask = _left_padded([prompt_ids[:C + G]] * ways, ways, width)
+    put = functools.partial(mesh_lib.put_batch, model.mesh)
+    _, cache = programs.prefill(model.params, put(tokens), put(positions), put(mask))
+    keep = min(prompt_bucket(G), width)
+    own = np.arange(width - keep, width) >= width - G  # the group's tokens, not the call's prefix
+    return cache, mesh_lib.put_replicated(model.mesh, mask[0]), keep, own
 
 
 def _shared_prefix(programs: Programs, model, prompt_ids, ways: int):

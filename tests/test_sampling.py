@@ -484,3 +484,27 @@ def test_workload_benchmark_is_the_loops_three_roles(tmp_path):
         workload.run(parser.parse_args(["--reference", "vllm", "--vllm-python", str(tmp_path / "missing")]))
     with pytest.raises(SystemExit, match="unknown role"):
         workload.run(parser.parse_args(["--roles", "critic"]))
+
+
+def test_group_prefixes_give_the_tokens_of_prompt_by_prompt_prefill(smol, monkeypatch):
+    """Meta-judge prompts of two responses (each group sharing its question, response and rubric
+    beyond the call's prefix) prefill each group's prefix once; the sampled tokens and log-probs
+    equal those of prefilling every prompt's rest on its own."""
+    from mrjax import sampling
+    from mrjax.benchmarks.workload import workload_roles
+
+    model, tok = smol
+    meta = workload_roles(0.125)[2].prompts
+    prompts = [tok.encode(tok.chat(p)) for p in meta[:3] + meta[12:15] + ["Why is the sky blue?"]]
+    C = sampling.shared_prefix_length(prompts)
+    group, length = sampling.prefix_groups([p[C:] for p in prompts])
+    assert len({group[i] for i in range(3)}) == 1 and len({group[i] for i in range(3, 6)}) == 1
+    assert group[0] != group[3] and min(length[:6]) >= sampling.MIN_GROUP_PREFIX and length[6] == 0
+    config = SamplingConfig(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=1, stop_ids=tuple(tok.eos_ids),
+                            batch_size=4)
+    grouped = generate_ids(model, prompts, config)
+    monkeypatch.setattr(sampling, "prefix_groups", lambda s, **_: (list(range(len(s))), [0] * len(s)))
+    alone = generate_ids(model, prompts, config)
+    assert grouped.token_ids == alone.token_ids
+    for got, want in zip(grouped.logprobs, alone.logprobs):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
