@@ -10,11 +10,14 @@ How a call runs:
 * Prompts are chat-templated and tokenised. The tokens every prompt of the call starts with
   (the chat header, the judge's rubric, ...) are the *shared prefix*: it is prefilled once, and
   the decoder keeps its keys/values once and reads them once per step for all rows.
-* Rows (one sample of one prompt) wait in order of prompt length for a fixed pool of
-  ``batch_size`` decode slots (continuous batching). A refill prefills the rest of each
-  distinct waiting prompt after the prefix's cache (the ``n`` samples of a prompt share it,
-  left-padded to a bucket: multiples of 8 up to 64, then four steps per doubling), puts its
-  rows into free slots and samples their first tokens. Each slot's own cache reserves a
+* Prompts that share a further prefix of at least ``MIN_GROUP_PREFIX`` tokens (the meta-judge's
+  calls for one response: its question and response) form a *group*: the group's prefix is
+  prefilled once, and each row keeps a copy of its slots in its own cache.
+* Rows (one sample of one prompt) wait group by group, in order of prompt length, for a
+  fixed pool of ``batch_size`` decode slots (continuous batching). A refill prefills the rest
+  of each distinct waiting prompt after the prefix's (or its group's) cache (the ``n`` samples
+  of a prompt share it, left-padded to a bucket: multiples of 8 up to 64, then four steps per
+  doubling), puts its rows into free slots and samples their first tokens. Each slot's own cache reserves a
   coarser bucket (16, 24, 32, 48, 64, 96, ...) for the prompt, then the generated tokens.
 * The decoder is one jitted ``lax.while_loop`` over the pool: each step runs the model on one
   token per row against the caches (loop-carried, so XLA updates them in place) and samples.
@@ -752,8 +755,7 @@ def generate_ids(
     order = sorted(range(n_prompts), key=lambda i: (group_rank[group[i]], own_len[i], i))
     waiting = collections.deque((p, s) for p in order for s in range(config.n))
     B = min(_row_bucket(len(waiting), ways), -(-config.batch_size // ways) * ways)
-    kept = lambda g: min(prompt_bucket(group_len[members[g][0]]), prompt_bucket(C + group_len[members[g][0]]))
-    P = cache_bucket(max((kept(g) if group_len[ps[0]] else 0) + prompt_bucket(max(own_len[p] for p in ps))
+    P = cache_bucket(max(_kept_slots(C, group_len[ps[0]]) + prompt_bucket(max(own_len[p] for p in ps))
                          for g, ps in members.items()))
     unplaced = collections.Counter(group[p] for p, _ in waiting)
     group_caches: dict[int, tuple] = {}
@@ -782,16 +784,13 @@ def generate_ids(
         Pn = prompt_bucket(max(own_len[p] for p in unique))
         Bp = _row_bucket(len(unique), ways)
         tokens, positions, mask = _left_padded([suffixes[p][G:] for p in unique], Bp, Pn, start=C + G)
-        if G == 0:
-            last_hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask, put(tokens),
-                                                        put(positions), put(mask))
-        else:
-            if g not in group_caches:
-                group_caches[g] = _group_prefix(programs, model, prompt_ids[unique[0]], C, G, ways)
-            group_cache, group_mask, keep, own = group_caches[g]
-            last_hidden, cache = programs.prefill_after(model.params, group_cache, group_mask, put(tokens),
-                                                        put(positions), put(mask), keep=keep)
-            mask = np.concatenate([np.broadcast_to(own, (Bp, keep)), mask], axis=1)
+        if g not in group_caches:  # ungrouped prompts read the call's prefix and keep none of it
+            group_caches[g] = (_group_prefix(programs, model, prompt_ids[unique[0]], C, G, ways) if G
+                               else (prefix, prefix_mask, 0, np.zeros(0, bool)))
+        group_cache, group_mask, keep, own = group_caches[g]
+        last_hidden, cache = programs.prefill_after(model.params, group_cache, group_mask, put(tokens),
+                                                    put(positions), put(mask), keep=keep)
+        mask = np.concatenate([np.broadcast_to(own, (Bp, keep)), mask], axis=1)
         N = _row_bucket(len(rows), 1)
         fields = np.zeros((5, N), np.int32)  # slot, prefill row, prompt length, prompt index, sample index
         fields[0] = B  # padding entries go nowhere
@@ -856,12 +855,8 @@ def _left_padded(sequences: Sequence[Sequence[int]], rows: int, width: int, star
 def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
     """Tokens at the start of every prompt in common, leaving each prompt at least one of its own
     (whose prefill gives the first generated token)."""
-    first = prompt_ids[0]
     limit = min(len(ids) for ids in prompt_ids) - 1
-    n = 0
-    while n < limit and all(ids[n] == first[n] for ids in prompt_ids):
-        n += 1
-    return n
+    return min([limit] + [_common_length(prompt_ids[0], ids) for ids in prompt_ids[1:]])
 
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -909,9 +904,14 @@ def _group_prefix(programs: Programs, model, prompt_ids, C: int, G: int, ways: i
     tokens, positions, mask = _left_padded([prompt_ids[:C + G]] * ways, ways, width)
     put = functools.partial(mesh_lib.put_batch, model.mesh)
     _, cache = programs.prefill(model.params, put(tokens), put(positions), put(mask))
-    keep = min(prompt_bucket(G), width)
+    keep = _kept_slots(C, G)
     own = np.arange(width - keep, width) >= width - G  # the group's tokens, not the call's prefix
     return cache, mesh_lib.put_replicated(model.mesh, mask[0]), keep, own
+
+
+def _kept_slots(C: int, G: int) -> int:
+    """Slots of a group prefix's cache that its rows keep: a bucket of its own G tokens (0: no group)."""
+    return min(prompt_bucket(G), prompt_bucket(C + G)) if G else 0
 
 
 def _shared_prefix(programs: Programs, model, prompt_ids, ways: int):
