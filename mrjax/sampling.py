@@ -69,6 +69,9 @@ NEW_TOKENS_ROUNDING = 32
 MIN_GROUP_PREFIX = 32
 # The decoder returns to the host to refill its slots once 1/REFILL_FRACTION of them are free.
 REFILL_FRACTION = 8
+# Once no rows wait, the pool halves (live rows gathered into a smaller one) whenever half of
+# it is free, down to this many slots: finished rows stop costing decode steps.
+MIN_SHRUNK_POOL = 8
 
 # Logical axes of one layer's decode-layout cache (see _decode_step).
 DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "seq")
@@ -469,6 +472,7 @@ class Programs(NamedTuple):
     empty: Any  # an empty slot pool (per pool shape)
     insert: Any  # prefilled rows -> free slots, sampling their first token (per refill shape)
     decode: Any  # the while-loop decoder over the pool (per pool shape)
+    compact: Any  # some slots of a pool -> a smaller pool (per pool shape and size)
 
 
 def _pick(logits, step, prompt_index, sample_index, s: Settings, greedy, candidates):
@@ -592,6 +596,12 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         return pool._replace(caches=caches, token=token, step=step, done=done, stopped=stopped, out_tokens=out_tokens,
                              out_logprobs=out_logprobs)
 
+    def compact(pool: Slots, keep):
+        """The pool of slots ``keep`` [B'], in that order."""
+        take = lambda a, names: _constrain(jnp.take(a, keep, axis=0), mesh, names)
+        caches = [(take(k, DECODE_K_AXES), take(v, DECODE_V_AXES)) for k, v in pool.caches]
+        return Slots(caches, *(take(a, ("batch",) + (None,) * (a.ndim - 1)) for a in pool[1:]))
+
     return Programs(
         jax.jit(prepare),
         jax.jit(prefill),
@@ -599,6 +609,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         jax.jit(empty, static_argnums=(0, 1, 2, 3)),
         jax.jit(insert, static_argnames=("greedy", "candidates"), donate_argnums=(1,)),
         jax.jit(decode, static_argnames=("greedy", "candidates"), donate_argnums=(3,)),
+        jax.jit(compact),
     )
 
 
@@ -631,10 +642,39 @@ def cache_bucket(length: int) -> int:
 
 
 def _row_bucket(rows: int, ways: int) -> int:
+    """Rows of a batch: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x between, as
+    ``cache_bucket``), a multiple of the mesh's batch ways."""
     size = 1
-    while size < rows:
+    while size < rows and size * 3 // 2 < rows:
         size *= 2
+    if size < rows:
+        size = size * 3 // 2
     return max(ways, -(-size // ways) * ways)
+
+
+# A prefill call costs about this many padded (row x token) positions besides its tokens
+# (dispatch, the prefix's cache broadcast, the inserted rows' first tokens).
+PREFILL_CALL_COST = 1024
+
+
+def prefill_chunks(lengths: Sequence[int], ways: int) -> list[tuple[int, int]]:
+    """Split prompts sorted by length into consecutive runs [start, end), each one prefill of
+    ``_row_bucket`` rows x the ``prompt_bucket`` of its longest, so that the padded work plus
+    ``PREFILL_CALL_COST`` per run is least (one bucket for all would pad short prompts to the
+    longest, and a dozen prompts to 16 rows)."""
+    n = len(lengths)
+    best = [0.0] + [math.inf] * n  # best[j]: least cost of the first j prompts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + _row_bucket(j - i, ways) * prompt_bucket(lengths[j - 1]) + PREFILL_CALL_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], n
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return runs[::-1]
 
 
 def _progress_bar(total: int, enabled: bool | None):
@@ -779,7 +819,15 @@ def generate_ids(
         return pool
 
     def refill_group(pool, g, rows, where):
-        unique = list(dict.fromkeys(p for p, _ in rows))
+        """Prefill the rows' distinct prompts of group ``g`` in runs of like length (``prefill_chunks``)."""
+        unique = sorted(dict.fromkeys(p for p, _ in rows), key=lambda p: (own_len[p], p))
+        for start, end in prefill_chunks([own_len[p] for p in unique], ways):
+            mine = set(unique[start:end])
+            chunk = [(row, b) for row, b in zip(rows, where) if row[0] in mine]
+            pool = refill_run(pool, g, unique[start:end], [row for row, _ in chunk], [b for _, b in chunk])
+        return pool
+
+    def refill_run(pool, g, unique, rows, where):
         G = group_len[unique[0]]
         Pn = prompt_bucket(max(own_len[p] for p in unique))
         Bp = _row_bucket(len(unique), ways)
@@ -809,8 +857,10 @@ def generate_ids(
                 pool = refill(pool, rows, free)
                 for b, row in zip(free, rows):
                     slot_row[b] = row
-            pool = programs.decode(weights, prefix, prefix_mask, pool, settings,
-                                   jnp.int32(refill_at if waiting else B + 1), greedy=config.greedy, candidates=candidates)
+            size = len(slot_row)  # B, or less once the pool has shrunk
+            stop_at = refill_at if waiting else size // 2 if size > MIN_SHRUNK_POOL else size + 1
+            pool = programs.decode(weights, prefix, prefix_mask, pool, settings, jnp.int32(stop_at),
+                                   greedy=config.greedy, candidates=candidates)
             step, done, stopped = mesh_lib.fetch((pool.step, pool.done, pool.stopped))
             finished = [b for b, r in enumerate(slot_row) if r is not None and done[b]]
             if finished:
@@ -823,6 +873,13 @@ def generate_ids(
                     slot_row[b] = None
                 if bar is not None:
                     bar.update(len(finished))
+            live = [b for b, r in enumerate(slot_row) if r is not None]
+            if not waiting and live and size > MIN_SHRUNK_POOL and len(live) <= size // 2:
+                size = max(_row_bucket(len(live), ways), min(MIN_SHRUNK_POOL, size // 2))
+                dead = next(b for b, r in enumerate(slot_row) if r is None)  # done: pads compute, record nothing
+                keep = live + [dead] * (size - len(live))
+                pool = programs.compact(pool, mesh_lib.put_replicated(mesh, np.asarray(keep, np.int32)))
+                slot_row = [slot_row[b] for b in live] + [None] * (size - len(live))
     finally:
         del weights, pool
         if bar is not None:

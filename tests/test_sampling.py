@@ -132,13 +132,19 @@ def test_continuous_batching_matches_transformers_and_one_batch(smol, greedy_ref
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
 
 
-def test_continuous_batching_gives_the_tokens_of_static_batches(smol):
+def test_continuous_batching_gives_the_tokens_of_static_batches(smol, monkeypatch):
     """Prompts of mixed lengths, rows stopping at different points: any number of slots (1, 3:
-    refilled as rows end; all rows at once: one static batch) gives the same tokens, stops and
-    log-probs, because each row's randomness depends on (seed, prompt, sample, step) only.
-    (On the real model: a random one's near-uniform distributions let float32 rounding of a
-    different batch shape pick another token.)"""
+    refilled as rows end; all rows at once: one static batch, which shrinks to a smaller pool
+    as rows end) gives the same tokens, stops and log-probs, because each row's randomness
+    depends on (seed, prompt, sample, step) only. (On the real model: a random one's
+    near-uniform distributions let float32 rounding of a different batch shape pick another token.)"""
+    from mrjax import sampling
+
     model, tok = smol
+    programs = sampling.programs_for(model)
+    shrunk = []
+    monkeypatch.setattr(sampling, "programs_for", lambda m: programs._replace(
+        compact=lambda pool, keep: shrunk.append(len(keep)) or programs.compact(pool, keep)))
     prompts = [tok.encode(tok.chat(p)) for p in
                ("Tell me a story.", "Why?", "Write a list of ten animals and say which one is largest.", "Hm", "One two three four five six seven eight.")]
     config = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, n=2, seed=5, stop_ids=(tok.pad_id,),
@@ -149,6 +155,7 @@ def test_continuous_batching_gives_the_tokens_of_static_batches(smol):
     config = dataclasses.replace(config, stop_ids=tuple(dict.fromkeys(rows[r][3 + 7 * r] for r in range(5))),
                                  min_new_tokens=0)
     static = generate_ids(model, prompts, dataclasses.replace(config, batch_size=len(prompts) * 2))
+    assert shrunk and shrunk[0] < len(prompts) * 2  # the 10-row pool shrank once 5 rows were left
     lengths = [n for per in static.lengths for n in per]
     assert len(set(lengths)) > 2 and max(lengths) == 40  # rows end at assorted steps
     assert any(r == "stop" for per in static.finish_reasons for r in per)
@@ -508,3 +515,21 @@ def test_group_prefixes_give_the_tokens_of_prompt_by_prompt_prefill(smol, monkey
     assert grouped.token_ids == alone.token_ids
     for got, want in zip(grouped.logprobs, alone.logprobs):
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_chunks_split_prompts_of_unlike_lengths():
+    """Hand-worked: 12 prompts of 176..259 tokens prefill as one run of 12 rows x 320 (a second
+    run would cost more than the padding it saves); 4 short and 4 long ones split in two runs;
+    the runs cover every prompt once, in order."""
+    from mrjax.sampling import PREFILL_CALL_COST, _row_bucket, prefill_chunks
+
+    assert [_row_bucket(n, 1) for n in (1, 3, 5, 7, 9, 12, 13, 17, 25, 33)] == [1, 3, 6, 8, 12, 12, 16, 24, 32, 48]
+    assert _row_bucket(9, 8) == 16 and _row_bucket(17, 8) == 24
+    meta = [176, 184, 198, 202, 203, 207, 216, 218, 225, 227, 229, 259]
+    assert prefill_chunks(meta, 1) == [(0, 12)]
+    assert 12 * prompt_bucket(259) + PREFILL_CALL_COST < 11 * 256 + 320 + 2 * PREFILL_CALL_COST
+    assert prefill_chunks([20] * 4 + [600] * 4, 1) == [(0, 4), (4, 8)]
+    lengths = list(range(10, 300, 5))
+    runs = prefill_chunks(lengths, 1)
+    assert runs[0][0] == 0 and runs[-1][1] == len(lengths) and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    assert len(runs) > 1
