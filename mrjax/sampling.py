@@ -57,9 +57,11 @@ from mrjax.tokenizer import Prompt
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
-# Candidates taken by lax.top_k before applying top-p; if their mass falls short of top_p
-# the exact cut-off is found by bisection over the whole vocabulary instead.
+# Candidates taken by lax.top_k before applying top-p. A row whose nucleus they do not hold
+# takes WIDE_CANDIDATES_FACTOR times as many (a few rows at a time); only a row whose nucleus
+# those do not hold either gets its exact cut-off by bisection over the whole vocabulary.
 DEFAULT_TOP_P_CANDIDATES = 64
+WIDE_CANDIDATES_FACTOR = 16
 # Inverse-CDF sampling walks the vocabulary in blocks of this many tokens (two cumulative sums).
 SAMPLING_BLOCK = 256
 MIN_PROMPT_BUCKET = 16
@@ -232,6 +234,40 @@ def _inverse_cdf(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
     return (block * SAMPLING_BLOCK + jnp.minimum(pick, last_nonzero)).astype(jnp.int32)
 
 
+def _nucleus(cand, kth, log_norm, top_p, use_top_k, complete: bool):
+    """Threshold of top-k then top-p over a descending candidate list [B, K] of the scaled logits
+    (``complete``: the whole vocabulary), and whether the list holds every token at or above it,
+    so that drawing from the list is exact."""
+    cand_probs = jnp.where(cand >= kth[:, None], jnp.exp(cand - log_norm[:, None]), 0.0)
+    mass_before = jnp.cumsum(cand_probs, axis=-1) - cand_probs
+    kept = jnp.sum((mass_before < top_p) & (cand_probs > 0), axis=-1)
+    top_p_cut = jnp.take_along_axis(cand, jnp.maximum(kept - 1, 0)[:, None], 1)[:, 0]
+    threshold = jnp.where(top_p < 1, top_p_cut, kth)
+    if complete:
+        return threshold, jnp.ones(threshold.shape, bool)
+    enough = use_top_k | (jnp.sum(cand_probs, axis=-1) >= top_p)
+    # A token outside the list could tie with its last entry: only a cut above that entry is sure.
+    return threshold, enough & (threshold > cand[:, -1])
+
+
+def _top_k(x, k):
+    """lax.top_k, kept as XLA:CPU's TopK kernel: without the barrier some uses of its outputs
+    (slices of the values) make XLA rewrite it as a full sort of the vocabulary, 100x slower."""
+    values, indices = jax.lax.top_k(x, k)
+    # One barrier each: a barrier on both would take the TopK's tuple itself, which XLA's
+    # TopK decomposition (used under sharding) does not expect.
+    return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
+
+
+def _draw_from_list(cand, cand_ids, threshold, uniforms):
+    """Inverse-CDF draw over the candidates at or above ``threshold``, in descending order."""
+    weights = jnp.where(cand >= threshold[:, None], jnp.exp(cand - cand[:, :1]), 0.0)
+    cum = jnp.cumsum(weights, axis=-1)
+    pick = jnp.sum(cum <= (uniforms * cum[:, -1])[:, None], axis=-1)
+    pick = jnp.minimum(pick, jnp.sum(weights > 0, axis=-1) - 1)  # rounding past the last kept one
+    return jnp.take_along_axis(cand_ids, pick[:, None], 1)[:, 0].astype(jnp.int32)
+
+
 def sample_logits(
     logits: jax.Array,
     uniforms: jax.Array,
@@ -246,36 +282,54 @@ def sample_logits(
 
     ``candidates`` (static) is the lax.top_k width used for top-k / top-p; 0 means no
     truncation (plain temperature sampling). It must be >= top_k when top_k > 0.
+
+    Which path a row takes depends on its own logits only, so its token does not depend on the
+    other rows: a row whose nucleus the ``candidates`` hold draws from them (descending order);
+    else from ``WIDE_CANDIDATES_FACTOR`` times as many, whose first ones are the same list, so
+    the token is the same; else from the whole vocabulary (index order) after an exact bisection.
     """
     if greedy:
         return first_argmax(logits)
+    B, V = logits.shape
     scaled = logits / jnp.asarray(temperature, jnp.float32)
     if candidates == 0:
-        threshold = jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32)
-    else:
-        top_k = jnp.asarray(top_k, jnp.int32)
-        top_p = jnp.asarray(top_p, jnp.float32)
-        cand, _ = jax.lax.top_k(scaled, candidates)  # descending
-        use_top_k = top_k > 0
-        k_index = jnp.clip(top_k - 1, 0, candidates - 1)
-        kth = jnp.where(use_top_k, cand[:, k_index], -jnp.inf)
-        # top-p is measured under the distribution renormalised over what top-k kept.
-        log_norm = jax.nn.logsumexp(jnp.where(scaled >= kth[:, None], scaled, -jnp.inf), axis=-1)
-        cand_probs = jnp.where(cand >= kth[:, None], jnp.exp(cand - log_norm[:, None]), 0.0)
-        mass_before = jnp.cumsum(cand_probs, axis=-1) - cand_probs
-        kept = jnp.sum((mass_before < top_p) & (cand_probs > 0), axis=-1)
-        top_p_cut = jnp.take_along_axis(cand, jnp.maximum(kept - 1, 0)[:, None], 1)[:, 0]
-        fits = use_top_k | (jnp.sum(cand_probs, axis=-1) >= top_p)
-        top_p_cut = jax.lax.cond(
-            jnp.all(fits),
-            lambda: top_p_cut,
-            lambda: jnp.where(
-                fits, top_p_cut, _top_p_threshold_by_bisection(scaled, log_norm, top_p, cand[:, -1])
-            ),
-        )
-        threshold = jnp.where(top_p < 1, top_p_cut, kth)
-    weights = jnp.where(scaled >= threshold[:, None], jnp.exp(scaled - jnp.max(scaled, -1, keepdims=True)), 0.0)
-    return _inverse_cdf(weights, uniforms)
+        return _inverse_cdf(jnp.exp(scaled - jnp.max(scaled, -1, keepdims=True)), uniforms)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    cand, cand_ids = _top_k(scaled, candidates)  # descending; ties: lower index first
+    use_top_k = jnp.broadcast_to(top_k > 0, (B,))
+    kth = jnp.where(use_top_k, cand[:, jnp.clip(top_k - 1, 0, candidates - 1)], -jnp.inf)
+    # top-p is measured under the distribution renormalised over what top-k kept.
+    log_norm = jax.nn.logsumexp(jnp.where(scaled >= kth[:, None], scaled, -jnp.inf), axis=-1)
+    threshold, holds = _nucleus(cand, kth, log_norm, top_p, use_top_k, candidates >= V)
+    token = _draw_from_list(cand, cand_ids, threshold, uniforms)
+    if candidates >= V:
+        return token
+
+    wide = min(V, WIDE_CANDIDATES_FACTOR * candidates)
+    per_round = max(1, B // 8)
+
+    def widen(state):
+        """The next few rows whose nucleus the candidates do not hold, with the wide list."""
+        todo, whole, token = state
+        rows = jnp.nonzero(todo, size=per_round, fill_value=B)[0]  # B: no row (writes dropped)
+        at = jnp.minimum(rows, B - 1)
+        c, ids = _top_k(scaled[at], wide)
+        t, h = _nucleus(c, kth[at], log_norm[at], top_p, use_top_k[at], wide >= V)
+        token = token.at[jnp.where(h, rows, B)].set(_draw_from_list(c, ids, t, uniforms[at]), mode="drop")
+        whole = whole.at[jnp.where(h, B, rows)].set(True, mode="drop")
+        return todo.at[rows].set(False, mode="drop"), whole, token
+
+    _, whole, token = jax.lax.while_loop(lambda st: jnp.any(st[0]), widen, (~holds, jnp.zeros_like(holds), token))
+
+    def by_bisection():
+        # Just above the last candidate: the mass at or above it falls short of top_p.
+        upper = _unsortable(_sortable(cand[:, -1]) + 1)
+        cut = jnp.where(top_p < 1, _top_p_threshold_by_bisection(scaled, log_norm, top_p, upper), kth)
+        weights = jnp.where(scaled >= cut[:, None], jnp.exp(scaled - jnp.max(scaled, -1, keepdims=True)), 0.0)
+        return jnp.where(whole, _inverse_cdf(weights, uniforms), token)
+
+    return jax.lax.cond(jnp.any(whole), by_bisection, lambda: token)
 
 
 def row_uniforms(seed: jax.Array, prompt_index: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
@@ -292,7 +346,7 @@ def row_uniforms(seed: jax.Array, prompt_index: jax.Array, sample_index: jax.Arr
 def _needs_candidates(config: SamplingConfig, vocab: int) -> int:
     if config.greedy or (config.top_p >= 1 and config.top_k == 0):
         return 0
-    return min(vocab, max(config.top_k, config.top_p_candidates))
+    return min(vocab, max(config.top_k + 1, config.top_p_candidates))  # + 1: the k-th above the last
 
 
 # --------------------------------------------------------------------------- the model step

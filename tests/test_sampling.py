@@ -315,6 +315,24 @@ def test_sampling_large_vocabulary_uses_every_block():
     assert counts[999] > 0 and counts[3] > 0
 
 
+@pytest.mark.parametrize("candidates", [2, 40])
+def test_sampling_a_nucleus_wider_than_the_candidates(candidates):
+    """A vocabulary of 1000: its 0.9-nucleus (807 tokens) is wider than 40 candidates x 16 and
+    2 x 16, so rows take the exact bisection over the whole vocabulary; the 0.3-nucleus (94)
+    fits 40 x 16 but not 2 x 16; the 0.2-nucleus (23) fits 40 candidates and 2 x 16."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=1000) * 0.3
+    logits[:20] += 2.5
+    for top_p in (0.9, 0.3, 0.2):
+        counts = draw(logits, 60_000, 1.0, 0, top_p, candidates, seed=3)
+        intended = intended_distribution(logits, 1.0, 0, top_p)
+        assert counts[intended == 0].sum() == 0
+        top = np.argsort(-intended)[: min(40, (intended > 0).sum() - 1)]  # the most likely, the rest pooled
+        observed = np.append(counts[top], counts.sum() - counts[top].sum())
+        expected = np.append(intended[top], 1 - intended[top].sum()) * counts.sum()
+        assert stats.chisquare(observed, expected).pvalue > 1e-4
+
+
 def test_greedy_takes_the_first_maximum():
     logits = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 5.0]])
     out = sample_logits(logits, jnp.zeros(2), 1.0, 1.0, 0, greedy=True)
