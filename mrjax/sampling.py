@@ -17,8 +17,8 @@ How a call runs:
   fixed pool of ``batch_size`` decode slots (continuous batching). A refill prefills the rest
   of each distinct waiting prompt after the prefix's (or its group's) cache (the ``n`` samples
   of a prompt share it, left-padded to a bucket: multiples of 8 up to 64, then four steps per
-  doubling), puts its rows into free slots and samples their first tokens. Each slot's own cache reserves a
-  coarser bucket (16, 24, 32, 48, 64, 96, ...) for the prompt, then the generated tokens.
+  doubling), puts its rows into free slots and samples their first tokens. Each slot's own
+  cache reserves a prompt bucket for the call's longest prompt part, then the generated tokens.
 * The decoder is one jitted ``lax.while_loop`` over the pool: each step runs the model on one
   token per row against the caches (loop-carried, so XLA updates them in place) and samples.
   A row ends at an end-of-turn id or at ``max_new_tokens``; finished slots compute but record
@@ -685,8 +685,8 @@ def prompt_bucket(length: int) -> int:
 
 
 def cache_bucket(length: int) -> int:
-    """Cache slots reserved for prompts in the decoder: 16, 24, 32, 48, 64, 96, ... (powers of two
-    and 1.5x between), coarser than ``prompt_bucket`` because decode programs compile slower."""
+    """16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x between): ``plan``'s bound on the
+    decoder's prompt slots (a prompt bucket, or a group's kept slots plus its own bucket)."""
     size = MIN_PROMPT_BUCKET
     while True:
         for candidate in (size, size * 3 // 2):
@@ -708,7 +708,7 @@ def _row_bucket(rows: int, ways: int) -> int:
 
 # A prefill call costs about this many padded (row x token) positions besides its tokens
 # (dispatch, the prefix's cache broadcast, the inserted rows' first tokens).
-PREFILL_CALL_COST = 1024
+PREFILL_CALL_COST = 256
 
 
 def prefill_chunks(lengths: Sequence[int], ways: int) -> list[tuple[int, int]]:
@@ -849,7 +849,7 @@ def generate_ids(
     order = sorted(range(n_prompts), key=lambda i: (group_rank[group[i]], own_len[i], i))
     waiting = collections.deque((p, s) for p in order for s in range(config.n))
     B = min(_row_bucket(len(waiting), ways), -(-config.batch_size // ways) * ways)
-    P = cache_bucket(max(_kept_slots(C, group_len[ps[0]]) + prompt_bucket(max(own_len[p] for p in ps))
+    P = prompt_bucket(max(_kept_slots(C, group_len[ps[0]]) + prompt_bucket(max(own_len[p] for p in ps))
                          for g, ps in members.items()))
     unplaced = collections.Counter(group[p] for p, _ in waiting)
     group_caches: dict[int, tuple] = {}

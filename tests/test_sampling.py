@@ -536,16 +536,17 @@ def test_group_prefixes_give_the_tokens_of_prompt_by_prompt_prefill(smol, monkey
 
 
 def test_prefill_chunks_split_prompts_of_unlike_lengths():
-    """Hand-worked: 12 prompts of 176..259 tokens prefill as one run of 12 rows x 320 (a second
-    run would cost more than the padding it saves); 4 short and 4 long ones split in two runs;
-    the runs cover every prompt once, in order."""
+    """Hand-worked: 12 prompts of 176..259 tokens prefill as 8 rows x 224 and 4 x 320 (3,584
+    padded positions with two calls' cost) rather than 12 x 320 (4,096 with one) or 12 x 256 and
+    1 x 320 (3,904); 4 short and 4 long ones split in two runs; runs cover every prompt once, in order."""
     from mrjax.sampling import PREFILL_CALL_COST, _row_bucket, prefill_chunks
 
     assert [_row_bucket(n, 1) for n in (1, 3, 5, 7, 9, 12, 13, 17, 25, 33)] == [1, 3, 6, 8, 12, 12, 16, 24, 32, 48]
     assert _row_bucket(9, 8) == 16 and _row_bucket(17, 8) == 24
     meta = [176, 184, 198, 202, 203, 207, 216, 218, 225, 227, 229, 259]
-    assert prefill_chunks(meta, 1) == [(0, 12)]
-    assert 12 * prompt_bucket(259) + PREFILL_CALL_COST < 11 * 256 + 320 + 2 * PREFILL_CALL_COST
+    assert prefill_chunks(meta, 1) == [(0, 8), (8, 12)]
+    split = 8 * prompt_bucket(207) + 4 * prompt_bucket(259) + 2 * PREFILL_CALL_COST
+    assert split == 3584 < min(12 * 320 + PREFILL_CALL_COST, 12 * 256 + 320 + 2 * PREFILL_CALL_COST)
     assert prefill_chunks([20] * 4 + [600] * 4, 1) == [(0, 4), (4, 8)]
     lengths = list(range(10, 300, 5))
     runs = prefill_chunks(lengths, 1)
