@@ -67,8 +67,9 @@ SAMPLING_BLOCK = 256
 MIN_PROMPT_BUCKET = 16
 # Generated-token buffers and the cache are sized to max_new_tokens rounded up to this.
 NEW_TOKENS_ROUNDING = 32
-# Prompts that share at least this many tokens beyond the call's prefix prefill them once as a group.
-MIN_GROUP_PREFIX = 32
+# Prompts that share at least this many tokens beyond the call's prefix prefill them once as a group
+# (fewer would not pay for the slots every row of the call then reserves for them).
+MIN_GROUP_PREFIX = 64
 # The decoder returns to the host to refill its slots once 1/REFILL_FRACTION of them are free.
 REFILL_FRACTION = 8
 # Once no rows wait, the pool halves (live rows gathered into a smaller one) whenever half of
@@ -982,8 +983,9 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
 def prefix_groups(suffixes: Sequence[Sequence[int]], min_length: int = MIN_GROUP_PREFIX) -> tuple[list[int], list[int]]:
     """Groups of prompts that share a further prefix (after the call's shared one): the
     meta-judge's calls for one response share its question, response and rubric. Returns per
-    prompt its group id and the group prefix's length (0: no group; else at least ``min_length``,
-    leaving each prompt at least one token of its own).
+    prompt its group id (-1: none, the prompts prefilled after the call's prefix alone) and the
+    group prefix's length (0: none; else at least ``min_length``, leaving each prompt at least
+    one token of its own).
 
     Prompts are sorted; a run grows while the next prompt shares at least ``min_length`` tokens
     with it, joining does not shrink the run's total of shared tokens, and a run of one is not
@@ -1004,7 +1006,7 @@ def prefix_groups(suffixes: Sequence[Sequence[int]], min_length: int = MIN_GROUP
     for g, (members, common) in enumerate(runs):
         G = min([common] + [len(suffixes[i]) - 1 for i in members]) if len(members) > 1 else 0
         for i in members:
-            group[i], length[i] = g, G if G >= min_length else 0
+            group[i], length[i] = (g, G) if G >= min_length else (-1, 0)
     return group, length
 
 
