@@ -263,10 +263,7 @@ def _top_k(x, k):
 def _draw_from_list(cand, cand_ids, threshold, uniforms):
     """Inverse-CDF draw over the candidates at or above ``threshold``, in descending order."""
     weights = jnp.where(cand >= threshold[:, None], jnp.exp(cand - cand[:, :1]), 0.0)
-    cum = jnp.cumsum(weights, axis=-1)
-    pick = jnp.sum(cum <= (uniforms * cum[:, -1])[:, None], axis=-1)
-    pick = jnp.minimum(pick, jnp.sum(weights > 0, axis=-1) - 1)  # rounding past the last kept one
-    return jnp.take_along_axis(cand_ids, pick[:, None], 1)[:, 0].astype(jnp.int32)
+    return jnp.take_along_axis(cand_ids, _inverse_cdf(weights, uniforms)[:, None], 1)[:, 0].astype(jnp.int32)
 
 
 def sample_logits(
@@ -286,8 +283,8 @@ def sample_logits(
 
     Which path a row takes depends on its own logits only, so its token does not depend on the
     other rows: a row whose nucleus the ``candidates`` hold draws from them (descending order);
-    else from ``WIDE_CANDIDATES_FACTOR`` times as many, whose first ones are the same list, so
-    the token is the same; else from the whole vocabulary (index order) after an exact bisection.
+    else from ``WIDE_CANDIDATES_FACTOR`` times as many; else from the whole vocabulary (index
+    order) after an exact bisection.
     """
     if greedy:
         return first_argmax(logits)
@@ -863,23 +860,18 @@ def generate_ids(
     finish: list[list[str]] = [[FINISH_LENGTH] * config.n for _ in range(n_prompts)]
 
     def refill(pool, rows, where):
-        """Prefill the prompts of ``rows`` (each distinct prompt once, group by group) and put the
-        rows in slots ``where``."""
+        """Prefill the prompts of ``rows`` (each distinct prompt once; group by group, in runs of
+        like length: ``prefill_chunks``) and put the rows in slots ``where``."""
+        slot = dict(zip(rows, where))
         for g in dict.fromkeys(group[p] for p, _ in rows):
-            mine = [(row, b) for row, b in zip(rows, where) if group[row[0]] == g]
-            pool = refill_group(pool, g, [row for row, _ in mine], [b for _, b in mine])
-            unplaced[g] -= len(mine)
+            unique = sorted({p for p, _ in rows if group[p] == g}, key=lambda p: (own_len[p], p))
+            for start, end in prefill_chunks([own_len[p] for p in unique], ways):
+                run = set(unique[start:end])
+                mine = [row for row in rows if row[0] in run]
+                pool = refill_run(pool, g, unique[start:end], mine, [slot[row] for row in mine])
+                unplaced[g] -= len(mine)
             if unplaced[g] == 0:
                 group_caches.pop(g, None)
-        return pool
-
-    def refill_group(pool, g, rows, where):
-        """Prefill the rows' distinct prompts of group ``g`` in runs of like length (``prefill_chunks``)."""
-        unique = sorted(dict.fromkeys(p for p, _ in rows), key=lambda p: (own_len[p], p))
-        for start, end in prefill_chunks([own_len[p] for p in unique], ways):
-            mine = set(unique[start:end])
-            chunk = [(row, b) for row, b in zip(rows, where) if row[0] in mine]
-            pool = refill_run(pool, g, unique[start:end], [row for row, _ in chunk], [b for _, b in chunk])
         return pool
 
     def refill_run(pool, g, unique, rows, where):
