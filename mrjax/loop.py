@@ -251,13 +251,15 @@ class MetaRewardingRun:
         max_new_tokens: int,
         seed_parts: tuple,
         score: Callable[[Any, Any, list, list], list] | None = None,
+        shard_prompts: int | None = None,
     ) -> list[list[dict]]:
-        """``n`` samples for each prompt, ``shard_size`` prompts per shard file; existing shards are
-        reused. Returns per prompt a list of {"text", "tokens", "finish_reason"[, "value"]}.
-        ``score(model, tokenizer, shard prompts, texts)`` adds a per-sample "value" (expected modes)."""
+        """``n`` samples for each prompt, ``shard_prompts`` (default ``shard_size``) prompts per shard
+        file; existing shards are reused. Returns per prompt a list of {"text", "tokens",
+        "finish_reason"[, "value"]}. ``score(model, tokenizer, shard prompts, texts)`` adds a
+        per-sample "value" (expected modes)."""
         from mrjax.sampling import SamplingConfig, generate
 
-        size = self.it.shard_size
+        size = shard_prompts or self.it.shard_size
         shards = math.ceil(len(prompts) / size)
         out: list[list[dict]] = []
         bar = self._bar(len(prompts) * n, role)
@@ -266,9 +268,13 @@ class MetaRewardingRun:
             for j in range(shards):
                 path = shard_dir / f"{j:05d}.jsonl"
                 chunk = prompts[j * size:(j + 1) * size]
-                if agreed(path.is_file()):
-                    rows = jsonl_objects(path)
-                else:
+                expected = [(j * size + i, s) for i in range(len(chunk)) for s in range(n)]
+                rows = jsonl_objects(path) if agreed(path.is_file()) else None
+                if rows is not None and sorted((r["i"], r["s"]) for r in rows) != expected:
+                    # Written with another shard size (e.g. by an older mrjax): it does not cover this chunk.
+                    log.warning("%s holds other rows than shard %d of %s: generating it again", path, j, role)
+                    rows = None
+                if rows is None:
                     model, tokenizer = self.model(source), self._tokenizer
                     sampling = SamplingConfig(
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
@@ -684,9 +690,12 @@ class MetaRewardingRun:
         meta_prompts = [roles.fill_meta_judge_prompt(prompt_question(prompts[p]["prompt"]), response_text[(p, k)],
                                                      texts[(p, k, m)], texts[(p, k, n)]) for p, k, m, n in calls]
         score = self._expected_verdicts if it.meta_judge_verdict == "expected" else None
+        # A shard holds the calls of shard_size selected responses (N(N-1) each), so one generate call
+        # has enough rows to fill and refill its decode slots.
+        per_response = it.judgments_per_response * (it.judgments_per_response - 1)
         out = self.generate_sharded(where / "shards" / "meta_judgments", "meta_judgments", source, meta_prompts, 1,
                                     it.meta_judge_temperature, it.meta_judge_top_p, it.meta_judge_max_new_tokens,
-                                    ("meta_judge", t), score) if calls else []
+                                    ("meta_judge", t), score, shard_prompts=it.shard_size * per_response) if calls else []
         # Expected verdicts are calibrated (as in "Calibrate before use", Zhao et al. 2021): the margin
         # log p(A) - log p(B) is compared with its median over the iteration's calls, so a model's
         # constant preference for one position does not decide every verdict.

@@ -18,7 +18,9 @@ How a call runs:
   of each distinct waiting prompt after the prefix's (or its group's) cache (the ``n`` samples
   of a prompt share it, left-padded to a bucket: multiples of 8 up to 64, then four steps per
   doubling), puts its rows into free slots and samples their first tokens. Each slot's own
-  cache reserves a prompt bucket for the call's longest prompt part, then the generated tokens.
+  cache reserves a prompt bucket for the call's longest prompt after the shared prefix, then
+  the generated tokens; a row's keys and values fill it without the buckets' padding (keys
+  carry their positions, so attention does not care where a slot is).
 * The decoder is one jitted ``lax.while_loop`` over the pool: each step runs the model on one
   token per row against the caches (loop-carried, so XLA updates them in place) and samples.
   A row ends at an end-of-turn id or at ``max_new_tokens``; finished slots compute but record
@@ -458,15 +460,20 @@ def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, 
         cache_v = cache_v.at[rows, :, slots, :].set(v.astype(cache_v.dtype), mode="drop")
         new_caches.append((cache_k, cache_v))
         q = q.reshape(B, kh, groups, d)
+        # The shared prefix is one [B * groups, D] x [D, C] product per kv head (kv-head-major
+        # operands: XLA:CPU runs the row-major einsum over (b, k) about 1.7x slower).
+        by_head = lambda a: a.transpose(1, 0, 2, 3).reshape(kh, B * groups, a.shape[-1])  # noqa: E731
+        prefix_scores = jnp.einsum("kmd,kds->kms", by_head(q), prefix_k.astype(jnp.float32))
         scores = jnp.concatenate(
             [
-                jnp.einsum("bkgd,kds->bkgs", q, prefix_k.astype(jnp.float32)),
+                prefix_scores.reshape(kh, B, groups, C).transpose(1, 0, 2, 3),
                 jnp.einsum("bkgd,bkds->bkgs", q, cache_k.astype(jnp.float32)),
             ],
             axis=-1,
         ) / math.sqrt(d)
         probs = jax.nn.softmax(jnp.where(mask, scores, neg), axis=-1)
-        attn = jnp.einsum("bkgs,ksd->bkgd", probs[..., :C], prefix_v.astype(jnp.float32)) + jnp.einsum(
+        prefix_attn = jnp.einsum("kms,ksd->kmd", by_head(probs[..., :C]), prefix_v.astype(jnp.float32))
+        attn = prefix_attn.reshape(kh, B, groups, d).transpose(1, 0, 2, 3) + jnp.einsum(
             "bkgs,bksd->bkgd", probs[..., C:], cache_v.astype(jnp.float32)
         )
         x = x + _matmul(w["o"], attn.reshape(B, h * d).T)
@@ -498,8 +505,9 @@ class Settings(NamedTuple):
 class Slots(NamedTuple):
     """The decoder's pool of rows (one row = one sample of one prompt), all arrays [B, ...].
 
-    A row's own cache holds its prompt's tokens after the shared prefix, right-aligned in the
-    first ``P`` slots (``prompt_mask`` marks the real ones), then the tokens it generates.
+    A row's own cache holds its prompt's tokens after the shared prefix (its group prefix's,
+    then its own), packed right-aligned in the first ``P`` slots (``prompt_mask`` marks them),
+    then the tokens it generates.
     ``step`` counts the tokens generated so far; ``done`` rows (and empty slots) compute but
     record nothing until the host refills them.
     """
@@ -585,18 +593,19 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
             zeros((rows, new_capacity)), zeros((rows, new_capacity), jnp.float32),
         )
 
-    def insert(weights, pool: Slots, last_hidden, cache, mask, where, row_prompt, prompt_len, prompt_index,
-               sample_index, s: Settings, *, greedy: bool, candidates: int):
-        """Rows ``row_prompt`` [N] of a prefill go to slots ``where`` [N] (B = none); each samples its first token."""
+    def insert(weights, pool: Slots, last_hidden, cache, packing, packed_mask, where, row_prompt, prompt_len,
+               prompt_index, sample_index, s: Settings, *, greedy: bool, candidates: int):
+        """Rows ``row_prompt`` [N] of a prefill go to slots ``where`` [N] (B = none); each samples its first
+        token. Prefill row j's real cache slots are ``packing[j]`` [P] where ``packed_mask[j]`` [P]."""
         B, P = pool.prompt_mask.shape
         S = pool.caches[0][0].shape[-1]
-        Pn = mask.shape[1]
-        k = jnp.take(cache.k, row_prompt, axis=1)  # [L, N, Pn, Kh, D]
-        v = jnp.take(cache.v, row_prompt, axis=1)
-        place = ((0, 0), (0, 0), (0, 0), (P - Pn, S - P))  # right-align the prompt in the first P slots
+        packing = jnp.take(packing, row_prompt, axis=0)[None, :, :, None, None]
+        k = jnp.take_along_axis(jnp.take(cache.k, row_prompt, axis=1), packing, axis=2)  # [L, N, P, Kh, D]
+        v = jnp.take_along_axis(jnp.take(cache.v, row_prompt, axis=1), packing, axis=2)
+        generated = (0, S - P)  # the slots after the prompt's, for the tokens the row generates
         caches = [
-            (ck.at[where].set(jnp.pad(k[i].transpose(0, 2, 3, 1), place), mode="drop"),
-             cv.at[where].set(jnp.pad(v[i].transpose(0, 2, 1, 3), place[:2] + (place[3], place[2])), mode="drop"))
+            (ck.at[where].set(jnp.pad(k[i].transpose(0, 2, 3, 1), ((0, 0),) * 3 + (generated,)), mode="drop"),
+             cv.at[where].set(jnp.pad(v[i].transpose(0, 2, 1, 3), ((0, 0),) * 2 + (generated, (0, 0))), mode="drop"))
             for i, (ck, cv) in enumerate(pool.caches)
         ]
         hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
@@ -606,7 +615,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
         put = lambda a, x: a.at[where].set(x, mode="drop")
         return Slots(
             caches,
-            put(pool.prompt_mask, jnp.pad(jnp.take(mask, row_prompt, axis=0), ((0, 0), (P - Pn, 0)))),
+            put(pool.prompt_mask, jnp.take(packed_mask, row_prompt, axis=0)),
             put(pool.prompt_len, prompt_len), put(pool.prompt_index, prompt_index),
             put(pool.sample_index, sample_index), put(pool.token, token), put(pool.step, zero + 1),
             put(pool.done, stopped | (s.max_new <= 1)), put(pool.stopped, stopped),
@@ -847,8 +856,7 @@ def generate_ids(
     order = sorted(range(n_prompts), key=lambda i: (group_rank[group[i]], own_len[i], i))
     waiting = collections.deque((p, s) for p in order for s in range(config.n))
     B = min(_row_bucket(len(waiting), ways), -(-config.batch_size // ways) * ways)
-    P = prompt_bucket(max(_kept_slots(C, group_len[ps[0]]) + prompt_bucket(max(own_len[p] for p in ps))
-                         for g, ps in members.items()))
+    P = prompt_bucket(max(map(len, suffixes)))  # each row's prompt slots hold its real tokens only
     unplaced = collections.Counter(group[p] for p, _ in waiting)
     group_caches: dict[int, tuple] = {}
     refill_at = max(1, B // REFILL_FRACTION)
@@ -885,14 +893,15 @@ def generate_ids(
         group_cache, group_mask, keep, own = group_caches[g]
         last_hidden, cache = programs.prefill_after(model.params, group_cache, group_mask, put(tokens),
                                                     put(positions), put(mask), keep=keep)
-        mask = np.concatenate([np.broadcast_to(own, (Bp, keep)), mask], axis=1)
+        packing, packed_mask = _packed_slots(np.concatenate([np.broadcast_to(own, (Bp, keep)), mask], axis=1), P)
         N = _row_bucket(len(rows), 1)
         fields = np.zeros((5, N), np.int32)  # slot, prefill row, prompt length, prompt index, sample index
         fields[0] = B  # padding entries go nowhere
         row_of = {p: j for j, p in enumerate(unique)}
         for r, ((p, s), b) in enumerate(zip(rows, where)):
             fields[:, r] = (b, row_of[p], len(prompt_ids[p]), p, s)
-        return programs.insert(weights, pool, last_hidden, cache, put(mask), *(mesh_lib.put_replicated(mesh, f) for f in fields),
+        return programs.insert(weights, pool, last_hidden, cache, put(packing), put(packed_mask),
+                               *(mesh_lib.put_replicated(mesh, f) for f in fields),
                                settings, greedy=config.greedy, candidates=candidates)
 
     bar = _progress_bar(len(waiting), progress)
@@ -940,6 +949,19 @@ def generate_ids(
         finish_reasons=finish,
         prompt_lengths=[len(ids) for ids in prompt_ids],
     )
+
+
+def _packed_slots(mask: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """For prefill rows' cache masks [rows, W] (a group prefix's kept slots, then the row's own
+    left-padded bucket): the indices [rows, P] of each row's real slots, right-aligned, and where
+    they are real. The padding in between costs no decode slots (keys carry their positions)."""
+    packing = np.zeros((len(mask), P), np.int32)
+    packed = np.zeros((len(mask), P), bool)
+    for j, row in enumerate(mask):
+        real = np.flatnonzero(row)
+        packing[j], packed[j, P - len(real):] = real[0], True  # unused slots read a real one, masked
+        packing[j, P - len(real):] = real
+    return packing, packed
 
 
 def _left_padded(sequences: Sequence[Sequence[int]], rows: int, width: int, start: int = 0):
@@ -1050,8 +1072,9 @@ def next_token_logprobs(
     model, prompt_ids: Sequence[Sequence[int]], candidate_ids: Sequence[int], batch_size: int = 32
 ) -> np.ndarray:
     """log p(candidate | text) [n, len(candidate_ids)] of the token after each already tokenised
-    text, under the unmodified model distribution (one prefill each, bucketed like ``generate``).
-    What the expected judge score and the expected meta-judge verdict read."""
+    text, under the unmodified model distribution. What the expected judge score and the expected
+    meta-judge verdict read. As in ``generate``, the texts' shared prefix and group prefixes are
+    prefilled once; each text's rest is prefilled after their caches, bucketed like ``generate``."""
     c: LlamaConfig = model.config
     if len(prompt_ids) == 0:
         return np.zeros((0, len(candidate_ids)), np.float32)
@@ -1064,15 +1087,22 @@ def next_token_logprobs(
     score = _candidate_logprobs_program(c)
     candidates = jnp.asarray(list(candidate_ids), jnp.int32)
     out = np.zeros((len(prompt_ids), len(candidate_ids)), np.float32)
-    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     put = functools.partial(mesh_lib.put_batch, mesh)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        P = prompt_bucket(max(len(prompt_ids[i]) for i in rows))
-        B = _row_bucket(len(rows), ways)
-        tokens, positions, mask = _left_padded([prompt_ids[i] for i in rows], B, P)
-        last_hidden, _ = programs.prefill(model.params, put(tokens), put(positions), put(mask))
-        out[rows] = mesh_lib.fetch(score(model.params, last_hidden, candidates))[: len(rows)]
+    C, prefix, prefix_mask = _shared_prefix(programs, model, prompt_ids, ways)
+    suffixes = [ids[C:] for ids in prompt_ids]
+    group, group_len = prefix_groups(suffixes)
+    for g in sorted(set(group)):
+        members = sorted((i for i in range(len(prompt_ids)) if group[i] == g), key=lambda i: (len(suffixes[i]), i))
+        G = group_len[members[0]]
+        cache, mask_of_cache = _group_prefix(programs, model, prompt_ids[members[0]], C, G, ways)[:2] if G else (
+            prefix, prefix_mask)
+        for start in range(0, len(members), batch_size):
+            rows = members[start : start + batch_size]
+            tokens, positions, mask = _left_padded([suffixes[i][G:] for i in rows], _row_bucket(len(rows), ways),
+                                                   prompt_bucket(max(len(suffixes[i]) - G for i in rows)), start=C + G)
+            last_hidden, _ = programs.prefill_after(model.params, cache, mask_of_cache, put(tokens), put(positions),
+                                                    put(mask))
+            out[rows] = mesh_lib.fetch(score(model.params, last_hidden, candidates))[: len(rows)]
     return out
 
 

@@ -147,7 +147,7 @@ def test_killed_runs_resume_to_the_same_result(tiny_run, tmp_path):
     args = ("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
     completed: dict[Path, int] = {}
     # judgments and meta-judgments share generate_sharded with responses: one of them is killed
-    for fault in ("responses:shard1", "meta_judgments:shard3", "dpo:step1", "checkpoint:2"):
+    for fault in ("responses:shard1", "meta_judgments:shard0", "dpo:step1", "checkpoint:2"):
         killed = run_cli(*args, fault=fault)
         assert killed.returncode == -9, f"{fault}: {killed.returncode}\n{killed.stderr[-3000:]}"
         for path, mtime in completed.items():  # nothing complete was redone
@@ -308,14 +308,23 @@ def test_next_token_logprobs_match_the_full_forward():
     from mrjax.sampling import next_token_logprobs
 
     model, _ = load_pretrained("tiny-random", mesh=single_device_mesh(), progress=False)
-    texts = [[5, 9, 300, 17], [44], list(range(100, 137))]
     candidates = [3, 17, 4000, 49151]
-    ours = next_token_logprobs(model, texts, candidates, batch_size=2)
-    for row, ids in zip(ours, texts):
-        logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1].astype(np.float64)
-        reference = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-        np.testing.assert_allclose(row, reference[candidates], atol=2e-5)
-    assert jax.numpy.isfinite(ours).all()
+    # No shared prefix; then a 40-token prefix shared by all and two groups sharing 70 more.
+    head, group_a, group_b = list(range(1000, 1040)), list(range(2000, 2070)), list(range(3000, 3070))
+    for texts in ([[5, 9, 300, 17], [44], list(range(100, 137))],
+                  [head + group_a + [7], head + group_a + [8, 9, 10], head + group_b + [11], head + group_b + [12, 13],
+                   head + group_a + list(range(50, 60)), head + [99]]):
+        ours = next_token_logprobs(model, texts, candidates, batch_size=2)
+        for row, ids in zip(ours, texts):
+            logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1].astype(np.float64)
+            reference = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            np.testing.assert_allclose(row, reference[candidates], atol=2e-5)
+        assert jax.numpy.isfinite(ours).all()
+    from mrjax.sampling import prefix_groups, shared_prefix_length
+
+    C = shared_prefix_length(texts)
+    group, length = prefix_groups([t[C:] for t in texts])
+    assert C == 40 and len({group[i] for i in (0, 1, 4)}) == 1 and group[0] != group[2] and min(length[:5]) >= 64
 
 
 def test_continuation_tokens_of_the_expected_modes():

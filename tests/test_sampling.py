@@ -552,3 +552,16 @@ def test_prefill_chunks_split_prompts_of_unlike_lengths():
     runs = prefill_chunks(lengths, 1)
     assert runs[0][0] == 0 and runs[-1][1] == len(lengths) and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
     assert len(runs) > 1
+
+
+def test_packed_slots_keep_only_real_tokens():
+    """Hand-worked: a group prefix's 3 kept slots (2 real) and a row's own bucket of 5 (3 real,
+    left-padded) take the last 5 of 8 prompt slots; the rest read a real slot and are masked."""
+    from mrjax.sampling import _packed_slots
+
+    mask = np.array([[False, True, True, False, False, True, True, True],
+                     [False, True, True, False, False, False, False, True]])
+    packing, packed = _packed_slots(mask, 6)
+    np.testing.assert_array_equal(packing, [[1, 1, 2, 5, 6, 7], [1, 1, 1, 1, 2, 7]])
+    np.testing.assert_array_equal(packed, [[False, True, True, True, True, True],
+                                           [False, False, False, True, True, True]])

