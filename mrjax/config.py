@@ -149,8 +149,8 @@ class IterationSettings:
     # is the probability-weighted mean over "0".."5" after the judgment (never unparseable).
     judge_score: str = "parse"
     # How a meta-judgment becomes a verdict: "parse" reads "Winner: Judgement A|B"; "expected"
-    # compares log p(A) - log p(B) after "Winner: Judgement" with its median over the iteration's
-    # calls (calibrated, so a constant position preference does not decide every verdict).
+    # compares log p(A) - log p(B) after "Winner: Judgement" with its median over the calls of the
+    # same response (calibrated, so a constant position preference does not decide every verdict).
     meta_judge_verdict: str = "parse"
     drop_empty_responses: bool = True  # whitespace-only responses are dropped (counted) like duplicates
     shard_size: int = 64  # prompts (actor), responses (judge), selected responses (meta-judge) per shard

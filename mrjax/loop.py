@@ -697,20 +697,27 @@ class MetaRewardingRun:
                                     it.meta_judge_temperature, it.meta_judge_top_p, it.meta_judge_max_new_tokens,
                                     ("meta_judge", t), score, shard_prompts=it.shard_size * per_response) if calls else []
         # Expected verdicts are calibrated (as in "Calibrate before use", Zhao et al. 2021): the margin
-        # log p(A) - log p(B) is compared with its median over the iteration's calls, so a model's
-        # constant preference for one position does not decide every verdict.
-        threshold = float(np.median([per[0]["value"] for per in out])) if score is not None and out else 0.0
+        # log p(A) - log p(B) is compared with its median over the calls of the same response, so neither
+        # a constant position preference nor one question's offset (which moves all of its calls alike)
+        # decides the verdicts; what is left is how each judgment fares against the others.
+        threshold: dict[tuple[int, int], float] = {}
+        if score is not None:
+            margins: dict[tuple[int, int], list[float]] = {}
+            for (p, k, _, _), per in zip(calls, out):
+                margins.setdefault((p, k), []).append(per[0]["value"])
+            threshold = {key: float(np.median(v)) for key, v in margins.items()}
         rows, stats = [], roles.ParseStats()  # the parse rate of the text, whichever way verdicts are read
         for (p, k, m, n), per in zip(calls, out):
             parsed, _ = roles.classify_meta_judgment(per[0]["text"])
             stats.record(parsed)
-            status, winner = self._verdict(per[0], threshold)
+            status, winner = self._verdict(per[0], threshold.get((p, k), 0.0))
             rows.append({"prompt_id": prompts[p]["id"], "k": k, "m": m, "n": n,
                          "order": "forward" if m < n else "reverse", "text": per[0]["text"], "winner": winner,
                          "status": status,
                          **({"margin": per[0]["value"], "parse_status": parsed} if score is not None else {})})
         write_jsonl(where / "meta_judgments.jsonl", rows)
-        info = {"meta_judgments": len(rows), "verdict_threshold": threshold, "selected_responses": len({(p, k) for p, k, _, _ in calls}),
+        info = {"meta_judgments": len(rows), "verdict_threshold": mean_or_none(list(threshold.values())),
+                "selected_responses": len({(p, k) for p, k, _, _ in calls}),
                 "tokens": sum(s["tokens"] for per in out for s in per), "winners": sum(r["winner"] is not None for r in rows)}
         info.update(stats.as_dict("meta_judge_") if stats.total else {"meta_judge_parse_rate": None})
         return info
