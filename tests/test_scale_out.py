@@ -121,8 +121,11 @@ def _assert_same_run(ours, reference):
     assert rows(ours / "iter_1" / "actor_pairs.jsonl") and rows(ours / "iter_1" / "judge_pairs.jsonl")
     a, b = _params(ours), _params(reference)
     assert a.keys() == b.keys()
-    for key in b:  # sharded reductions add in another order: float32 rounding only
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    # Sharded reductions add in another order: float32 rounding only. Adam divides each gradient by its
+    # own root mean square, so an element whose gradient is near 0 turns that rounding into up to a
+    # fraction of the learning rate (1e-4 here): hence atol 1e-5.
+    for key in b:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

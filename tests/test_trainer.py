@@ -179,7 +179,7 @@ def test_dpo_learns_synthetic_preference_on_held_out_pairs(tiny, tmp_path):
 def test_sft_lowers_held_out_nll(tiny, tmp_path):
     model, tok = tiny
     config = tiny_config(tmp_path / "run", "train.kind=sft", "train.max_length=512", "train.batch_size=4",
-                         "train.max_steps=8", "train.learning_rate=3e-3")
+                         "train.max_steps=12", "train.learning_rate=3e-3")
     trainer = Trainer(config, model, tok, progress=False)
     held_out = trainer.load("mrjax/data/eft_eval_judgments.jsonl")
     before = trainer.evaluate(held_out)["loss"]
