@@ -405,3 +405,14 @@ def test_bundled_configs_and_data_load_without_truncation(tiny, name):
         for _, row in read_rows(config.train.pairs, "sft"):
             assert row["prompt"].startswith("Review the user's question") and "<response>" in row["prompt"]
             assert row["completion"].rsplit("\n", 1)[-1].startswith("Score: ")
+
+
+def test_eft_sft_files_are_the_rendered_eft_judge_rows():
+    """configs/smollm2_eft.yaml's prompt/completion files are the loop's EFT judge rows rendered by
+    judge_sft_row (all training rows; the first 16 held-out rows), so the two cannot drift apart."""
+    from mrjax.data import judge_sft_row, read_judge_rows
+
+    train = [row for _, row in read_rows("mrjax/data/eft_judgments.jsonl", "sft")]
+    held_out = [row for _, row in read_rows("mrjax/data/eft_eval_judgments.jsonl", "sft")]
+    assert train == [judge_sft_row(r) for r in read_judge_rows("mrjax/data/eft_judge_rows.jsonl")]
+    assert held_out == [judge_sft_row(r) for r in read_judge_rows("mrjax/data/eft_judge_eval_rows.jsonl")][:16]
