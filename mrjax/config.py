@@ -26,6 +26,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 REMAT_POLICIES = ("full", "dots")
+DTYPES = ("float32", "bfloat16")  # float16 is not supported: its range overflows in Llama's activations
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 MODES = ("meta_rewarding", "self_rewarding", "dpo", "sft")
 JUDGE_SCORES = ("parse", "expected")
@@ -46,6 +47,9 @@ class ModelSettings:
     def __post_init__(self):
         _check(self.remat_policy in REMAT_POLICIES, "model.remat_policy",
                f"must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        for name in ("dtype", "param_dtype"):
+            _check(getattr(self, name) in DTYPES, f"model.{name}",
+                   f"must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +210,9 @@ class PromptSettings:
     tfds_split: str = "train"
     tfds_field: str = "prompt"
     held_out: int = 16  # prompts kept out of training (written to prompts/held_out.jsonl) for evaluation
+    # A prompt too long for a role's context budget (its tokens + the new tokens of every role that sees
+    # it) is an error naming the file and line; true drops such prompts and counts them in the pool.
+    drop_too_long: bool = False
     shuffle: bool = True  # seeded shuffle of the pool before it is split into held-out and iterations
     min_chars: int = 10  # self-instruct sanity filter: length in characters ...
     max_chars: int = 600
@@ -289,6 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw.pop("pinned_inputs", None)  # a run directory's config.yaml records its input files' hashes there
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():

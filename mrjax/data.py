@@ -99,8 +99,13 @@ def read_jsonl(path: str | Path, what: str = "JSONL") -> list[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{_where(path, number)}: not UTF-8 text (byte {line[err.start]:#04x} at column "
+                                f"{err.start + 1}); save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:
@@ -197,19 +202,24 @@ def normalized(text: str) -> str:
 
 def read_prompts(path: str | Path) -> list[Any]:
     """Prompts of a JSONL file: ``{"prompt": str}`` or ``{"messages": [{"role","content"}, ...]}``."""
+    return [prompt for _, prompt in read_prompt_rows(path)]
+
+
+def read_prompt_rows(path: str | Path) -> list[tuple[str, Any]]:
+    """``("file:line", prompt)`` of every prompt of a JSONL file (see ``read_prompts``)."""
     prompts = []
     path = resolve_path(path)
     for number, raw in read_jsonl(path, "prompt"):
         where = _where(path, number)
         if "prompt" in raw:
-            prompts.append(_check_prompt(raw["prompt"], where))
+            prompts.append((where, _check_prompt(raw["prompt"], where)))
         elif "messages" in raw:
             messages = _check_prompt(raw["messages"], where)
             if not isinstance(messages, list):
                 raise DataError(f"{where}: 'messages' must be a list of chat messages")
             if not any(m["role"] == "user" and m["content"].strip() for m in messages):
                 raise DataError(f"{where}: 'messages' has no non-empty user message")
-            prompts.append(messages)
+            prompts.append((where, messages))
         else:
             raise DataError(f"{where}: a prompt row needs a 'prompt' string or a 'messages' list")
     if not prompts:

@@ -35,9 +35,11 @@ from mrjax import faults, roles
 from mrjax import preferences as pf
 from mrjax.config import Config, ConfigError, to_dict
 from mrjax.mesh import agreed, barrier, is_main_process
+from mrjax.rundir import RunLock, check_run_dir, marker_problem, read_marker, record, stage_markers
 from mrjax.data import (
     SEED_PROMPTS,
     DataError,
+    resolve_path,
     dedupe_prompts,
     jsonl_objects,
     judge_sft_row,
@@ -46,7 +48,9 @@ from mrjax.data import (
     read_jsonl,
     read_judge_rows,
     read_meta_judge_rows,
+    read_prompt_rows,
     read_prompts,
+    file_fingerprint,
     tfds_prompts,
     tokenize_rows,
     write_jsonl,
@@ -59,50 +63,119 @@ LOOP_MODES = ("meta_rewarding", "self_rewarding")
 # The suffixes after which the expected judge score and meta-judge verdict are read.
 SCORE_SUFFIX = "Score: "
 WINNER_SUFFIX = "Winner: Judgement"
+# config.yaml's record of the input files' content (path and sha256), beside the resolved config.
+PINNED_KEY = "pinned_inputs"
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def check_config(config: Config) -> dict:
-    """Every check that needs no model: files exist and parse, the pool is large enough.
-    Raises ConfigError / DataError / FileNotFoundError; returns what it read (counts)."""
+def check_config(config: Config, dry_run: bool = False) -> dict:
+    """Every check of what a user gives, before anything is written: the run directory, the model
+    (source, options, tensors, tokenizer), every file (exists, UTF-8, parses), every prompt against
+    the context of each role that sees it, the pool's size. Raises ConfigError / DataError /
+    WeightsError / TokenizerError / RunDirError / FileNotFoundError; returns what it read (counts,
+    and ``pinned_inputs``: the content hashes of the input files)."""
+    from mrjax.model.pretrained import inspect_model
+
     if config.mode not in LOOP_MODES:
         raise ConfigError(f"config key 'mode' must be one of {', '.join(LOOP_MODES)} for the loop, got {config.mode!r}")
+    check_run_dir(config.run_dir)
     it, pr = config.iteration, config.prompts
     facts: dict[str, Any] = {}
+    pinned: dict[str, dict] = {}
+    model_config, tokenizer = inspect_model(config.model.name)
+    if tokenizer is None and not dry_run:  # a random-weight shape: the dry run says so and checks the rest
+        raise ConfigError(f"model {config.model.name!r} has no tokenizer; the loop needs one (an HF directory or GGUF)")
     needed = pr.held_out + it.iterations * it.prompts_per_iteration
     if pr.source in ("seed", "jsonl"):
-        pool = dedupe_prompts(read_prompts(pr.path if pr.source == "jsonl" else SEED_PROMPTS))
+        source = resolve_path(pr.path) if pr.source == "jsonl" else SEED_PROMPTS
+        rows = read_prompt_rows(source)
+        fitting, too_long = split_too_long(rows, tokenizer, model_config.max_position_embeddings, config) \
+            if tokenizer is not None else (rows, [])
+        if too_long and not pr.drop_too_long:
+            where, message = too_long[0]
+            more = f" ({len(too_long) - 1} more prompts too)" if len(too_long) > 1 else ""
+            raise DataError(f"{where}: {message}{more}; shorten it, raise the model's context, lower the role's "
+                            "max_new_tokens, or set prompts.drop_too_long=true")
+        pool = dedupe_prompts([p for _, p in fitting])
         facts["pool"] = len(pool)
+        if too_long:
+            facts["dropped_too_long"] = len(too_long)
         if len(pool) < needed:
             raise DataError(
-                f"the prompt pool ({pr.path or SEED_PROMPTS}) has {len(pool)} distinct prompts, fewer than "
+                f"the prompt pool ({source}) has {len(pool)} distinct prompts"
+                f"{' that fit the context' if too_long else ''}, fewer than "
                 f"prompts.held_out + iteration.iterations x iteration.prompts_per_iteration = {pr.held_out} + "
                 f"{it.iterations} x {it.prompts_per_iteration} = {needed}"
             )
+        pinned["prompts.path"] = _pin(source)
     elif pr.source == "self_instruct":
-        examples = read_prompts(pr.path) if pr.path else read_prompts(SEED_PROMPTS)
+        source = resolve_path(pr.path) if pr.path else SEED_PROMPTS
+        examples = read_prompts(source)
         if len(examples) < roles.SELF_INSTRUCT_NUM_EXAMPLES:
             raise DataError(f"self-instruct needs at least {roles.SELF_INSTRUCT_NUM_EXAMPLES} example prompts, "
                             f"got {len(examples)}")
         facts["self_instruct_examples"] = len(examples)
+        pinned["prompts.path"] = _pin(source)
     elif pr.source == "tfds":
         try:
-            import tensorflow_datasets  # noqa: F401
+            import tensorflow_datasets as tfds
         except ImportError:
             raise DataError(f"prompts.source=tfds ({pr.tfds_name!r}) needs tensorflow-datasets: "
                             "pip install 'mrjax[tfds]'") from None
+        try:
+            version = str(tfds.builder(pr.tfds_name).info.version)
+        except Exception as err:  # noqa: BLE001 - tfds raises many kinds (not found, not prepared)
+            raise DataError(f"tfds dataset {pr.tfds_name!r} cannot be opened: {err}") from None
+        pinned["prompts.tfds"] = {"file": f"tfds:{pr.tfds_name}/{pr.tfds_split}",
+                                  "sha256": f"version {version}, field {pr.tfds_field}"}
     if config.eft.enabled:
         e = config.eft
-        facts["eft_judge_rows"] = len(read_judge_rows(e.judge_rows))
-        if e.meta_judge_rows:
-            facts["eft_meta_judge_rows"] = len(read_meta_judge_rows(e.meta_judge_rows))
+        files = [("judge_rows", read_judge_rows), ("meta_judge_rows", read_meta_judge_rows)]
         if e.eval_rows:
-            facts["eft_eval_judge_rows"] = len(read_judge_rows(e.eval_judge_rows))
-            if e.eval_meta_judge_rows:
-                facts["eft_eval_meta_judge_rows"] = len(read_meta_judge_rows(e.eval_meta_judge_rows))
+            files += [("eval_judge_rows", read_judge_rows), ("eval_meta_judge_rows", read_meta_judge_rows)]
+        for key, read in files:
+            if getattr(e, key):
+                facts[f"eft_{key}"] = len(read(getattr(e, key)))
+                pinned[f"eft.{key}"] = _pin(resolve_path(getattr(e, key)))
+    facts["pinned_inputs"] = pinned
     return facts
+
+
+def _pin(path: Path) -> dict:
+    return {"file": str(Path(path).resolve()), "sha256": file_fingerprint(Path(path))}
+
+
+def role_budgets(config: Config, context: int) -> list[tuple[str, Callable[[Any], str], int]]:
+    """(role, the text that role's prompt becomes, tokens left for it) for every role that sees a prompt:
+    the actor its chat; the judge its template around the prompt and a response of up to
+    actor_max_new_tokens; the meta-judge (judge-training iterations) that and two judgments."""
+    it = config.iteration
+    out = [("actor", lambda p: p, context - it.actor_max_new_tokens),
+           ("judge", lambda p: roles.fill_judge_prompt(prompt_question(p), ""),
+            context - it.actor_max_new_tokens - it.judge_max_new_tokens)]
+    if config.mode == "meta_rewarding" and it.judge_training_iterations:
+        out.append(("meta-judge", lambda p: roles.fill_meta_judge_prompt(prompt_question(p), "", "", ""),
+                    context - it.actor_max_new_tokens - 2 * it.judge_max_new_tokens - it.meta_judge_max_new_tokens))
+    return out
+
+
+def split_too_long(rows: Sequence[tuple[str, Any]], tokenizer, context: int, config: Config):
+    """``(rows that fit, [(where, why) of those that do not])`` for ``("file:line", prompt)`` rows."""
+    budgets = role_budgets(config, context)
+    fitting, too_long = [], []
+    for where, prompt in rows:
+        for role, text, room in budgets:
+            n = len(tokenizer.encode(tokenizer.chat(text(prompt))))
+            if n > room:
+                too_long.append((where, f"the prompt is too long for the {role}: its prompt has {n} tokens, "
+                                        f"but the model's {context} positions leave {room} after the new tokens "
+                                        "of the roles that see it"))
+                break
+        else:
+            fitting.append((where, prompt))
+    return fitting, too_long
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -144,11 +217,6 @@ def mean_or_none(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def stage_markers(where: Path) -> dict[str, dict]:
-    """{stage: its figures} of the stages complete in ``where`` (the ``.done/<stage>.json`` markers)."""
-    return {p.stem: json.loads(p.read_text()) for p in (where / ".done").glob("*.json")}
-
-
 def model_source(config: Config, t: int) -> str | Path:
     """Where M_t lives: M_0 is the EFT model when EFT runs (else ``model.name``), M_t is iter_t/hf."""
     root = Path(config.run_dir)
@@ -181,24 +249,53 @@ class MetaRewardingRun:
         self._tokenizer = None
         self._mesh = None
         self.skipped: list[str] = []  # stages found complete (what a resumed run did not redo)
+        self.ran: list[str] = []  # stages run (or redone) by this call
 
     # ------------------------------------------------------------------ plumbing
 
-    def _stage(self, where: Path, name: str, fn: Callable[[], dict | None]) -> dict:
-        """Run ``fn`` unless ``where/.done/name.json`` says it is complete; returns its figures."""
+    def _stage(self, where: Path, name: str, fn: Callable[[], dict | None], inputs: Callable[[], list] | list = (),
+               outputs: Callable[[], list] | list = (), scratch: Sequence[Path] = ()) -> dict:
+        """Run ``fn`` unless ``where/.done/name.json`` says it is complete and every file it recorded
+        (``inputs`` it read, ``outputs`` it wrote: paths or folders) still has the same bytes; returns
+        its figures. A stage redone because an input changed first removes its ``scratch`` (shards,
+        checkpoints made from the old inputs); one redone for a changed output keeps them."""
         marker = where / ".done" / f"{name}.json"
         label = f"{where.relative_to(self.root)}/{name}" if where != self.root else name
-        if agreed(marker.is_file()):  # process 0's view of the run directory decides, on every process
+        info = read_marker(marker) if is_main_process() else None
+        problem = marker_problem(self.root, info) if info is not None else None
+        if agreed(info is not None and problem is None):  # process 0's view of the run directory decides
             self.skipped.append(label)
-            return json.loads(marker.read_text())
+            return info if info is not None else json.loads(marker.read_text())
+        if problem is not None:
+            log.warning("%s: redoing the stage, %s", label, problem)
+            if is_main_process():
+                marker.unlink(missing_ok=True)
+                if problem.startswith("an input"):
+                    for path in scratch:
+                        shutil.rmtree(path, ignore_errors=True)
+        barrier(f"redo {label}")
+        self.ran.append(label)
         t0 = time.perf_counter()
         info = fn() or {}
         info["wall_s"] = round(agreed(time.perf_counter() - t0), 3)
+        if is_main_process():
+            info["inputs"] = record(self.root, inputs() if callable(inputs) else inputs)
+            info["outputs"] = record(self.root, outputs() if callable(outputs) else outputs)
         write_text(marker, json.dumps(info, indent=1, sort_keys=True) + "\n")
         barrier(f"stage {label}")  # the stage's files are written before any process reads them
         figures = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items() if not isinstance(v, (dict, list)))
         log.info("%s done: %s", label, figures)
         return info
+
+    def _model_files(self, source: str | Path) -> list[Path]:
+        """The files a model source is read from (none for a random-weight registry model)."""
+        from mrjax.model import registry
+
+        if str(source) in registry.RANDOM_CONFIGS:
+            return []
+        if str(source) == "smollm2-135m-instruct":
+            return [registry.embedded_gguf_path()]
+        return [Path(source).expanduser()]
 
     def _mesh_now(self):
         if self._mesh is None:
@@ -354,22 +451,28 @@ class MetaRewardingRun:
     # ------------------------------------------------------------------ run
 
     def run(self) -> LoopResult:
-        facts = check_config(self.config)
+        facts = check_config(self.config)  # everything a user can get wrong, before anything is written
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_or_write_config()
+        with RunLock(self.root, "python -m mrjax.train"):
+            self._check_or_write_config(facts.pop("pinned_inputs"))
+            return self._run(facts)
+
+    def _run(self, facts: dict) -> LoopResult:
         T = self.it.iterations
         final = model_source(self.config, T)
-        if agreed((self.root / ".done" / "run.json").is_file()):
-            log.info("%s: the run is already complete; nothing to do", self.root)
-            return LoopResult(self.root, final, self._summaries(), already_complete=True)
         log.info("run %s: %s, %d iterations (%s)", self.root, self.config.mode, T,
-                 ", ".join(f"{k}={v}" for k, v in facts.items()))
-
-        self._stage(self.root, "prompt_pool", self.stage_prompt_pool)
+                 ", ".join(f"{k}={v}" for k, v in facts.items() if not isinstance(v, (dict, list))))
+        pool_files = [self.root / "prompts" / "pool.jsonl", self.root / "prompts" / "held_out.jsonl"]
+        self._stage(self.root, "prompt_pool", self.stage_prompt_pool, inputs=self._prompt_source_files(),
+                    outputs=pool_files, scratch=[self.root / "prompts" / "self_instruct_shards"])
         if self.config.eft.enabled:
             self.run_eft(self.config.model.name)
         summaries = [self.run_iteration(t, model_source(self.config, t - 1)) for t in range(1, T + 1)]
-        self._stage(self.root, "run", lambda: {"final_model": str(final), "iterations": T})
+        self._stage(self.root, "run", lambda: {"final_model": str(final), "iterations": T},
+                    inputs=[self.root / f"iter_{t}" / "summary.json" for t in range(1, T + 1)])
+        if not self.ran:
+            log.info("%s: the run is already complete (every stage verified); nothing to do", self.root)
+            return LoopResult(self.root, final, summaries, already_complete=True)
         log.info("final model (M_%d): %s", T, final)
         log.info("pair files: %s", ", ".join(str(p) for t in range(1, T + 1)
                                              for p in sorted((self.root / f"iter_{t}").glob("*_pairs.jsonl"))))
@@ -377,18 +480,33 @@ class MetaRewardingRun:
                  self.root / "metrics.jsonl")
         return LoopResult(self.root, final, summaries)
 
-    def _check_or_write_config(self) -> None:
+    def _prompt_source_files(self) -> list[Path]:
+        pr = self.config.prompts
+        if pr.source == "jsonl" or (pr.source == "self_instruct" and pr.path):
+            return [resolve_path(pr.path)]
+        return [SEED_PROMPTS] if pr.source in ("seed", "self_instruct") else []
+
+    def _check_or_write_config(self, pinned: dict | None = None) -> None:
+        """config.yaml records the resolved config and the content of its input files (``pinned_inputs``);
+        a re-run with another config or changed input files is refused, naming them."""
         import yaml
 
+        pinned = check_config(self.config)["pinned_inputs"] if pinned is None else pinned
         path = self.root / "config.yaml"
-        new = to_dict(self.config)
+        new = {**to_dict(self.config), PINNED_KEY: pinned}
         if agreed(path.is_file()):
             old = yaml.safe_load(path.read_text()) or {}
-            changed = config_changes(old, new)
+            old_pins = old.pop(PINNED_KEY, None)
+            changed = config_changes(old, to_dict(self.config))
+            for key, now in pinned.items():
+                was = (old_pins or {}).get(key)
+                if old_pins is not None and (was or {}).get("sha256") != now.get("sha256"):
+                    changed.append(f"{key}: the file {now.get('file')} is not the one this run started with "
+                                   f"(sha256 {str((was or {}).get('sha256'))[:12]}, now {str(now.get('sha256'))[:12]})")
             if changed and not self.force_config:
                 raise ConfigError(
                     f"{self.root} was started with another config; changed keys: {'; '.join(changed)}. "
-                    "Re-run with the original settings, use a new run_dir, or pass --force-config"
+                    "Re-run with the original settings and files, use a new run_dir, or pass --force-config"
                 )
             if not changed:
                 return
@@ -408,15 +526,24 @@ class MetaRewardingRun:
 
     def stage_prompt_pool(self) -> dict:
         """prompts/pool.jsonl (for the iterations) and prompts/held_out.jsonl (never trained on)."""
+        from mrjax.model.pretrained import inspect_model
+
         pr, it = self.config.prompts, self.it
-        if pr.source == "seed":
-            prompts = dedupe_prompts(read_prompts(SEED_PROMPTS))
-        elif pr.source == "jsonl":
-            prompts = dedupe_prompts(read_prompts(pr.path))
+        if pr.source in ("seed", "jsonl"):
+            rows = read_prompt_rows(resolve_path(pr.path) if pr.source == "jsonl" else SEED_PROMPTS)
         elif pr.source == "tfds":
-            prompts = dedupe_prompts(tfds_prompts(pr.tfds_name, pr.tfds_split, pr.tfds_field))
+            rows = [(f"tfds {pr.tfds_name} example {i}", p)
+                    for i, p in enumerate(tfds_prompts(pr.tfds_name, pr.tfds_split, pr.tfds_field))]
         else:
-            prompts = self._self_instruct()
+            rows = [(f"self-instruct prompt {i}", p) for i, p in enumerate(self._self_instruct())]
+        model_config, tokenizer = inspect_model(self.config.model.name)
+        rows, too_long = split_too_long(rows, tokenizer, model_config.max_position_embeddings, self.config)
+        if too_long and not (pr.drop_too_long or pr.source == "self_instruct"):  # generated prompts are just dropped
+            raise DataError(f"{too_long[0][0]}: {too_long[0][1]}; set prompts.drop_too_long=true to drop such prompts")
+        if too_long:
+            log.warning("prompt pool: %d prompts too long for the context are dropped (first: %s)", len(too_long),
+                        too_long[0][0])
+        prompts = dedupe_prompts([p for _, p in rows])
         needed = pr.held_out + it.iterations * it.prompts_per_iteration
         if len(prompts) < needed:
             raise DataError(f"the prompt pool has {len(prompts)} distinct prompts, fewer than the {needed} this run "
@@ -426,7 +553,8 @@ class MetaRewardingRun:
         rows = [{"id": int(i), "prompt": prompts[i]} for i in order]
         write_jsonl(self.root / "prompts" / "held_out.jsonl", rows[: pr.held_out])
         write_jsonl(self.root / "prompts" / "pool.jsonl", rows[pr.held_out:])
-        return {"source": pr.source, "pool": len(rows) - pr.held_out, "held_out": pr.held_out}
+        return {"source": pr.source, "pool": len(rows) - pr.held_out, "held_out": pr.held_out,
+                "dropped_too_long": len(too_long)}
 
     def _self_instruct(self) -> list[str]:
         """New prompts written by M_0 from 8 examples of the seed pool, filtered and deduplicated."""
@@ -466,18 +594,30 @@ class MetaRewardingRun:
     def run_eft(self, base: str) -> None:
         """SFT of M_0 on judge-format (and meta-judge-format) rows; parse rates before and after."""
         e, where = self.config.eft, self.root / "eft"
-        self._stage(where, "parse_before", lambda: self.parse_rates(base, where / "parse_before", "before"))
-        self._stage(where, "train", lambda: self.stage_eft_train(base, where))
-        self._stage(where, "parse_after", lambda: self.parse_rates(where / "hf", where / "parse_after", "after"))
-        before = json.loads((where / ".done" / "parse_before.json").read_text())
-        after = json.loads((where / ".done" / "parse_after.json").read_text())
-        summary = {"before": before, "after": after,
-                   "train": json.loads((where / ".done" / "train.json").read_text())}
-        write_text(where / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        eval_files = [resolve_path(f) for f in (e.eval_judge_rows, e.eval_meta_judge_rows) if f and e.eval_rows]
+        train_files = [resolve_path(f) for f in (e.judge_rows, e.meta_judge_rows) if f]
+        self._stage(where, "parse_before", lambda: self.parse_rates(base, where / "parse_before", "before"),
+                    inputs=lambda: eval_files + self._model_files(base), scratch=[where / "parse_before"])
+        self._stage(where, "train", lambda: self.stage_eft_train(base, where),
+                    inputs=lambda: train_files + self._model_files(base),
+                    outputs=[where / "sft_rows.jsonl", where / "hf"], scratch=[where / "train"])
+        self._stage(where, "parse_after", lambda: self.parse_rates(where / "hf", where / "parse_after", "after"),
+                    inputs=lambda: eval_files + [where / "hf"], scratch=[where / "parse_after"])
+        markers = [where / ".done" / f"{name}.json" for name in ("parse_before", "train", "parse_after")]
+        self._stage(where, "summary", lambda: self.eft_summary(where), inputs=markers,
+                    outputs=[where / "summary.json"])
+
+    def eft_summary(self, where: Path) -> dict:
+        e = self.config.eft
+        done = stage_markers(where)
+        before, after, train = (_figures(done[name]) for name in ("parse_before", "parse_after", "train"))
+        write_text(where / "summary.json", json.dumps({"before": before, "after": after, "train": train}, indent=1,
+                                                      sort_keys=True) + "\n")
         if e.eval_rows:
             log.info("EFT judge parse rate %.2f -> %.2f, meta-judge parse rate %s -> %s",
                      before.get("judge_parse_rate", 0), after.get("judge_parse_rate", 0),
                      _fmt(before.get("meta_judge_parse_rate")), _fmt(after.get("meta_judge_parse_rate")))
+        return {}
 
     def parse_rates(self, source: str | Path, where: Path, tag: str) -> dict:
         """Judge and meta-judge parse rates of ``source`` on held-out EFT rows (one sample each)."""
@@ -536,22 +676,39 @@ class MetaRewardingRun:
 
     def run_iteration(self, t: int, source: str | Path) -> dict:
         where = self.root / f"iter_{t}"
-        if agreed((where / ".done" / "summary.json").is_file()):
-            self.skipped.append(f"iter_{t}")
-            return json.loads((where / "summary.json").read_text())
-        log.info("iteration %d/%d (M_%d from %s)", t, self.it.iterations, t - 1, source)
-        stage = lambda name, fn: self._stage(where, name, fn)  # noqa: E731
-        stage("prompts", lambda: self.stage_prompts(t, where))
-        stage("responses", lambda: self.stage_responses(t, where, source))
-        stage("judgments", lambda: self.stage_judgments(t, where, source))
-        stage("actor_pairs", lambda: self.stage_actor_pairs(t, where))
+        log.debug("iteration %d/%d (M_%d from %s)", t, self.it.iterations, t - 1, source)
+        model = lambda: self._model_files(source)  # noqa: E731
+        files = {name: where / f"{name}.jsonl" for name in ("prompts", "responses", "judgments", "actor_pairs",
+                                                            "meta_judgments", "judge_pairs")}
+        read = lambda *names: [files[n] for n in names]  # noqa: E731
+
+        def stage(name, fn, inputs=(), outputs=(), scratch=()):
+            return self._stage(where, name, fn, inputs, outputs, scratch)
+
+        stage("prompts", lambda: self.stage_prompts(t, where), [self.root / "prompts" / "pool.jsonl"],
+              read("prompts"))
+        stage("responses", lambda: self.stage_responses(t, where, source), lambda: read("prompts") + model(),
+              read("responses"), [where / "shards" / "responses"])
+        stage("judgments", lambda: self.stage_judgments(t, where, source),
+              lambda: read("prompts", "responses") + model(), read("judgments"), [where / "shards" / "judgments"])
+        stage("actor_pairs", lambda: self.stage_actor_pairs(t, where), read("prompts", "responses", "judgments"),
+              read("actor_pairs"))
         judge_training = self.meta_judging and t in self.it.judge_training_iterations
+        stages = ["prompts", "responses", "judgments", "actor_pairs"]
         if judge_training:
-            stage("meta_judgments", lambda: self.stage_meta_judgments(t, where, source))
-            stage("judge_pairs", lambda: self.stage_judge_pairs(t, where))
-        stage("train", lambda: self.stage_train(t, where, source))
-        summary = self._stage_summary(t, where, judge_training)
-        if self.report and is_main_process():
+            stage("meta_judgments", lambda: self.stage_meta_judgments(t, where, source),
+                  lambda: read("prompts", "responses", "judgments") + model(), read("meta_judgments"),
+                  [where / "shards" / "meta_judgments"])
+            stage("judge_pairs", lambda: self.stage_judge_pairs(t, where),
+                  read("prompts", "responses", "judgments", "meta_judgments"), read("judge_pairs"))
+            stages += ["meta_judgments", "judge_pairs"]
+        stage("train", lambda: self.stage_train(t, where, source), lambda: read("actor_pairs", "judge_pairs") + model(),
+              [where / "train" / "pairs.jsonl", where / "hf"], [where / "train"])
+        stages.append("train")
+        ran_before = len(self.ran)
+        summary = self._stage_summary(t, where, judge_training, [files[n] for n in stages if n in files] +
+                                      [where / ".done" / f"{n}.json" for n in stages])
+        if self.report and is_main_process() and len(self.ran) > ran_before:
             self.write_report()
         return summary
 
@@ -817,19 +974,27 @@ class MetaRewardingRun:
 
     # ------------------------------------------------------------------ summary
 
-    def _stage_summary(self, t: int, where: Path, judge_training: bool) -> dict:
+    def _stage_summary(self, t: int, where: Path, judge_training: bool, inputs: list[Path]) -> dict:
         def summarize():
             summary = iteration_summary(t, where, judge_training)
             write_text(where / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            self._rewrite_metrics()
             if is_main_process():
-                with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"iteration": t, **_flat(summary)}) + "\n")
-                _tensorboard(self.root, t, summary)
                 print_table(summary)
             return {"iteration": t}
 
-        self._stage(where, "summary", summarize)
+        self._stage(where, "summary", summarize, inputs=inputs, outputs=[where / "summary.json"])
         return json.loads((where / "summary.json").read_text())
+
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl and the TensorBoard scalars, rewritten from the iteration summaries (never
+        appended: a redone iteration has one entry)."""
+        summaries = self._summaries()
+        write_text(self.root / "metrics.jsonl", "".join(json.dumps({"iteration": s["iteration"], **_flat(s)}) + "\n"
+                                                        for s in summaries))
+        if is_main_process():
+            shutil.rmtree(self.root / "tensorboard", ignore_errors=True)
+            _tensorboard(self.root, summaries)
 
 
 def prompt_is_sane(text: str, settings) -> bool:
@@ -885,13 +1050,19 @@ def _flat(summary: dict) -> dict:
     return out
 
 
-def _tensorboard(root: Path, t: int, summary: dict) -> None:
+def _tensorboard(root: Path, summaries: list[dict]) -> None:
     from tensorboardX import SummaryWriter
 
     with SummaryWriter(str(root / "tensorboard")) as writer:
-        for key, value in _flat(summary).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
-                writer.add_scalar(f"iteration/{key}", value, t)
+        for summary in summaries:
+            for key, value in _flat(summary).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
+                    writer.add_scalar(f"iteration/{key}", value, summary["iteration"])
+
+
+def _figures(marker: dict) -> dict:
+    """A stage marker's figures, without its file records."""
+    return {k: v for k, v in marker.items() if k not in ("inputs", "outputs")}
 
 
 def _fmt(v: Any) -> str:

@@ -48,7 +48,8 @@ def dry_run(config: Config) -> dict[str, Any]:
     if config.mode in ("meta_rewarding", "self_rewarding"):
         from mrjax.loop import check_config
 
-        facts.update(check_config(config))
+        facts.update(check_config(config, dry_run=True))
+        facts.pop("pinned_inputs", None)
     else:
         from mrjax.data import read_rows
 

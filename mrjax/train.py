@@ -39,10 +39,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mrjax.config import ConfigError
     from mrjax.data import DataError
     from mrjax.model.weights import WeightsError
+    from mrjax.rundir import RunDirError
     from mrjax.tokenizer import TokenizerError
     from mrjax.trainer import TrainingError
 
-    return ConfigError, WeightsError, TokenizerError, FileNotFoundError, DataError, TrainingError
+    return (ConfigError, WeightsError, TokenizerError, FileNotFoundError, DataError, TrainingError, RunDirError,
+            PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -116,7 +118,7 @@ def cli_main(run_fn, argv: list[str] | None = None, print_summary: bool = True) 
     try:
         summary = run_fn(argv)
     except errors as err:
-        message = str(err) if not isinstance(err, FileNotFoundError) or not err.filename else f"{err.strerror}: {err.filename}"
+        message = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}"
         print(f"error: {message}", file=sys.stderr)
         return USER_ERRORS_EXIT
     except KeyboardInterrupt:

@@ -129,12 +129,12 @@ def test_tiny_run_pairs_obey_the_rules(tiny_run):
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(tiny_run):
     run_dir, _ = tiny_run
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     again = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "already complete; nothing to do" in again.stderr
+    assert "already complete (every stage verified); nothing to do" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["already_complete"] is True
-    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     assert before == after
 
 
@@ -251,7 +251,7 @@ def test_prompt_file_with_messages_feeds_the_pool(tmp_path):
     run = MetaRewardingRun(config, progress=False)
     run.root.mkdir(parents=True)
     info = run.stage_prompt_pool()
-    assert info == {"source": "jsonl", "pool": 13, "held_out": 4}
+    assert info == {"source": "jsonl", "pool": 13, "held_out": 4, "dropped_too_long": 0}
     pool = rows(tmp_path / "run" / "prompts" / "pool.jsonl") + rows(tmp_path / "run" / "prompts" / "held_out.jsonl")
     assert len({r["id"] for r in pool}) == 17
     assert any(isinstance(r["prompt"], list) for r in pool)
@@ -369,7 +369,7 @@ def test_self_instruct_pool_from_the_model(tmp_path, monkeypatch):
                  "iteration.judge_training_iterations=[1]", "prompts.self_instruct_max_new_tokens=12"]
     config = load_config(TINY, overrides)
     run = MetaRewardingRun(config, progress=False)
-    assert run.stage_prompt_pool() == {"source": "self_instruct", "pool": 2, "held_out": 1}
+    assert run.stage_prompt_pool() == {"source": "self_instruct", "pool": 2, "held_out": 1, "dropped_too_long": 0}
     shards = sorted((tmp_path / "a" / "prompts" / "self_instruct_shards").glob("*.jsonl"))
     written = [roles.parse_self_instruct(r["text"]) for shard in shards for r in rows(shard)]
     assert len(written) == 9  # ceil(3 prompts needed x 3 attempts) requests, one sample each

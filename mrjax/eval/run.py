@@ -243,6 +243,12 @@ class Evaluation:
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict:
+        from mrjax.rundir import RunLock
+
+        with RunLock(self.root, "python -m mrjax.eval"):  # not while a run (or another evaluation) writes here
+            return self._run()
+
+    def _run(self) -> dict:
         for line in self.missing:
             log.warning("%s: missing %s; evaluating what is there", self.root, line)
         self.check_inputs()

@@ -152,6 +152,13 @@ def load_pretrained(
         params = init_params(config, mesh, seed, param_dtype)
         return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
 
+    path, config, source, tokenizer = _open_checkpoint(name)
+    params = weights.load_params(config, source, param_shardings(config, mesh), _dtype(param_dtype), progress)
+    return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
+
+
+def _open_checkpoint(name: str) -> tuple[Path, LlamaConfig, "weights.TensorSource", Tokenizer]:
+    """A checkpoint's path, config, tensor source (nothing read yet) and tokenizer, every part checked."""
     path = registry.embedded_gguf_path() if name == "smollm2-135m-instruct" else Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -169,5 +176,17 @@ def load_pretrained(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has only "
             f"{config.vocab_size} rows (tokenizer and weights do not belong together)"
         )
-    params = weights.load_params(config, source, param_shardings(config, mesh), _dtype(param_dtype), progress)
-    return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
+    weights.check_tensors(config, source)
+    return path, config, source, tokenizer
+
+
+def inspect_model(name_or_path: str | Path) -> tuple[LlamaConfig, Tokenizer | None]:
+    """What ``load_pretrained`` would load, checked without reading any weights: the source exists, its
+    architecture and options are supported, its tensors are the model's (names and shapes from the
+    headers), its tokenizer loads and fits the vocabulary. Raises the error loading would raise."""
+    name = str(name_or_path)
+    if name in registry.RANDOM_CONFIGS:
+        config = registry.RANDOM_CONFIGS[name]
+        return config, load_tokenizer(registry.embedded_gguf_path()) if config.vocab_size == 49152 else None
+    _, config, _, tokenizer = _open_checkpoint(name)
+    return config, tokenizer

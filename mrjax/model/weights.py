@@ -95,6 +95,15 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> LlamaCon
             f"{source}: model_type={model_type!r} architectures={arch}: mrjax runs Llama-architecture "
             "models only (Llama 2/3/3.1, SmolLM, TinyLlama, ...)"
         )
+    # Options of the HF Llama that mrjax does not implement: loading them would give wrong logits.
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise WeightsError(f"{source}: {key}=true is not supported (mrjax's Llama has no bias terms)")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise WeightsError(f"{source}: hidden_act={act!r} is not supported (mrjax's Llama MLP is SwiGLU: 'silu')")
+    if raw.get("pretraining_tp", 1) not in (1, None):
+        raise WeightsError(f"{source}: pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
     rope = raw.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
     scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     rope_scaling = None
@@ -169,8 +178,13 @@ def config_to_hf(c: LlamaConfig, bos_token_id: int | None = None, eos_token_id: 
 class TensorSource:
     """Named float32 numpy tensors in HF naming and HF [out, in] layout."""
 
-    def __init__(self, names: set[str], read: Callable[[str], np.ndarray], origin: str):
+    def __init__(self, names: set[str], read: Callable[[str], np.ndarray], origin: str,
+                 shape: Callable[[str], tuple[int, ...]] | None = None):
         self.names, self._read, self.origin = names, read, origin
+        self._shape = shape  # a tensor's shape from the file's header, without reading its data
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(int(n) for n in self._shape(name)) if self._shape is not None else None
 
     def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.names:
@@ -202,16 +216,20 @@ def hf_source(directory: Path) -> tuple[LlamaConfig, TensorSource]:
         raise WeightsError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     handles: dict[str, Any] = {}
 
-    def read(name: str) -> np.ndarray:
+    def handle(name: str) -> Any:
         file = weight_map[name]
         if file not in handles:
             path = directory / file
             if not path.is_file():
                 raise WeightsError(f"{directory}: shard {file} listed in the index is missing")
-            handles[file] = safe_open(path, "np")
-        return handles[file].get_tensor(name)
+            try:
+                handles[file] = safe_open(path, "np")
+            except Exception as err:  # safetensors raises its own error types on a damaged file
+                raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
+        return handles[file]
 
-    return config, TensorSource(set(weight_map), read, str(directory))
+    return config, TensorSource(set(weight_map), lambda name: handle(name).get_tensor(name), str(directory),
+                                shape=lambda name: handle(name).get_slice(name).get_shape())
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -271,13 +289,17 @@ def gguf_source(path: Path) -> tuple[LlamaConfig, TensorSource]:
         max_position_embeddings=int(field("llama.context_length", 8192)),
     )
     names: dict[str, str] = {}
+    unmapped: set[str] = set()  # GGUF tensors with no HF name (a bias, ...): reported as unread by load_params
     for name in tensors:
         if name.startswith("blk."):
             _, layer, rest = name.split(".", 2)
             if rest in _GGUF_NAMES:
                 names[f"model.layers.{layer}.{_GGUF_NAMES[rest]}"] = name
+                continue
         elif name in _GGUF_NAMES:
             names[_GGUF_NAMES[name]] = name
+            continue
+        unmapped.add(name)
 
     def read(hf_name: str) -> np.ndarray:
         t = tensors[names[hf_name]]
@@ -289,7 +311,8 @@ def gguf_source(path: Path) -> tuple[LlamaConfig, TensorSource]:
             w = _unpermute_rope(w, config.num_kv_heads)
         return w
 
-    return config, TensorSource(set(names), read, str(path))
+    return config, TensorSource(set(names) | unmapped, read, str(path),
+                                shape=lambda hf_name: tuple(int(n) for n in reversed(tensors[names[hf_name]].shape)))
 
 
 # ---------------------------------------------------------------- params
@@ -318,6 +341,7 @@ def load_params(
     """Parameters from ``source``, each placed shard by shard with ``shardings`` (same tree)."""
     from tqdm.auto import tqdm
 
+    check_tensors(config, source)
     table = _layouts(config)
     params: dict = {}
     for path, (name, to_mrjax, _) in tqdm(table.items(), desc=f"loading {Path(source.origin).name}", disable=not progress):
@@ -330,6 +354,37 @@ def load_params(
         sharding = _get(shardings, path)
         _set(params, path, jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
     return params
+
+
+def unread_tensors(config: LlamaConfig, source: TensorSource) -> list[str]:
+    """Tensors of ``source`` that loading would not read (a bias, an extra head, ...): their
+    presence means the checkpoint is not the model mrjax computes."""
+    read = set()
+    for path, (name, _, _) in _layouts(config).items():
+        read |= {name.format(i=i) for i in range(config.num_layers)} if path.startswith("layers/") else {name}
+    if config.tie_word_embeddings:
+        read.add("lm_head.weight")  # a tied checkpoint may store the shared matrix twice; transformers ties it too
+    ignorable = ("rotary_emb.inv_freq",)  # old exports keep RoPE's cached frequencies, which are recomputed
+    return sorted(n for n in source.names - read if not n.endswith(ignorable))
+
+
+def check_tensors(config: LlamaConfig, source: TensorSource) -> None:
+    """Refuse a checkpoint whose tensors are not the model's (from the file headers, no data read):
+    a missing tensor, a shape the config does not imply, or a tensor mrjax would leave unread."""
+    for path, (name, _, _) in _layouts(config).items():
+        expected = _hf_shape(config, path)
+        for one in ([name.format(i=i) for i in range(config.num_layers)] if path.startswith("layers/") else [name]):
+            if one not in source.names:
+                raise WeightsError(f"{source.origin}: tensor {one!r} is missing")
+            shape = source.shape(one)
+            if shape is not None and shape != tuple(expected):
+                raise WeightsError(f"{source.origin}: tensor {one!r} has shape {shape} but the config implies "
+                                   f"{tuple(expected)} (config and weights do not match)")
+    extra = unread_tensors(config, source)
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise WeightsError(f"{source.origin}: tensor {extra[0]!r}{more} would be left unread: this checkpoint has "
+                           "parts mrjax's Llama does not compute (biases, extra heads), so its logits would be wrong")
 
 
 def params_to_hf_tensors(config: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
