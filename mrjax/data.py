@@ -118,6 +118,12 @@ def read_jsonl(path: str | Path, what: str = "JSONL") -> list[tuple[int, dict]]:
     return rows
 
 
+def mean_or_none(values) -> float | None:
+    """The mean of the values that are not None (a figure over rows that may lack it); None if none."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def jsonl_objects(path: str | Path) -> list[dict]:
     """The objects of a JSONL file, without their line numbers (``read_jsonl``)."""
     return [row for _, row in read_jsonl(path)]

@@ -35,8 +35,9 @@ from mrjax import faults, roles
 from mrjax import preferences as pf
 from mrjax.config import Config, ConfigError, to_dict
 from mrjax.mesh import agreed, barrier, is_main_process
-from mrjax.rundir import RunLock, check_run_dir, marker_problem, read_marker, record, stage_markers
+from mrjax.rundir import RunLock, check_run_dir, marker_problem, model_source, read_marker, record, stage_markers
 from mrjax.data import (
+    mean_or_none,
     SEED_PROMPTS,
     DataError,
     resolve_path,
@@ -211,20 +212,6 @@ def _continuation_token(tokenizer, prefix: str, candidate: str) -> tuple[str, in
                       "the expected judge score / verdict cannot be read with it (use 'parse')")
 
 
-def mean_or_none(values) -> float | None:
-    """The mean of the values that are not None; None when there are none."""
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def model_source(config: Config, t: int) -> str | Path:
-    """Where M_t lives: M_0 is the EFT model when EFT runs (else ``model.name``), M_t is iter_t/hf."""
-    root = Path(config.run_dir)
-    if t == 0:
-        return root / "eft" / "hf" if config.eft.enabled else config.model.name
-    return root / f"iter_{t}" / "hf"
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -239,9 +226,12 @@ class LoopResult:
 class MetaRewardingRun:
     """One run directory; ``run()`` does (or finishes) the whole loop."""
 
-    def __init__(self, config: Config, progress: bool = True, force_config: bool = False, report: bool = True):
+    def __init__(self, config: Config, progress: bool = True, force_config: bool = False,
+                 report: Callable[[Path], dict] | None = None):
         self.config, self.progress, self.force_config = config, progress, force_config
-        self.report = report  # write report.md / report.html after every iteration (mrjax.eval.report)
+        # Called with the run directory after every iteration that did work (the CLI passes
+        # mrjax.eval.report.write_report, which writes report.md / report.html and returns their paths).
+        self.report = report
         self.root = Path(config.run_dir)
         self.it = config.iteration
         self.meta_judging = config.mode == "meta_rewarding"
@@ -253,7 +243,7 @@ class MetaRewardingRun:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _stage(self, where: Path, name: str, fn: Callable[[], dict | None], inputs: Callable[[], list] | list = (),
+    def stage(self, where: Path, name: str, fn: Callable[[], dict | None], inputs: Callable[[], list] | list = (),
                outputs: Callable[[], list] | list = (), scratch: Sequence[Path] = ()) -> dict:
         """Run ``fn`` unless ``where/.done/name.json`` says it is complete and every file it recorded
         (``inputs`` it read, ``outputs`` it wrote: paths or folders) still has the same bytes; returns
@@ -404,7 +394,7 @@ class MetaRewardingRun:
 
     # ------------------------------------------------------------------ expected modes
 
-    def _expected_scores(self, model, tokenizer, prompts: list, texts: list[list[str]]) -> list[list[float]]:
+    def expected_scores(self, model, tokenizer, prompts: list, texts: list[list[str]]) -> list[list[float]]:
         """Probability-weighted judge score after each judgment cut before its own 'Score:' (roles.expected_score_text)."""
         from mrjax.sampling import next_token_logprobs
 
@@ -421,7 +411,7 @@ class MetaRewardingRun:
         n = len(texts[0])
         return [scores[i * n:(i + 1) * n] for i in range(len(texts))]
 
-    def _expected_verdicts(self, model, tokenizer, prompts: list, texts: list[list[str]],
+    def expected_verdicts(self, model, tokenizer, prompts: list, texts: list[list[str]],
                            suffix: str = WINNER_SUFFIX) -> list[list[float]]:
         """log p(A) - log p(B) of the token after the explanation + ``suffix`` ('Winner: Judgement')."""
         from mrjax.sampling import next_token_logprobs
@@ -463,12 +453,12 @@ class MetaRewardingRun:
         log.info("run %s: %s, %d iterations (%s)", self.root, self.config.mode, T,
                  ", ".join(f"{k}={v}" for k, v in facts.items() if not isinstance(v, (dict, list))))
         pool_files = [self.root / "prompts" / "pool.jsonl", self.root / "prompts" / "held_out.jsonl"]
-        self._stage(self.root, "prompt_pool", self.stage_prompt_pool, inputs=self._prompt_source_files(),
+        self.stage(self.root, "prompt_pool", self.stage_prompt_pool, inputs=self._prompt_source_files(),
                     outputs=pool_files, scratch=[self.root / "prompts" / "self_instruct_shards"])
         if self.config.eft.enabled:
             self.run_eft(self.config.model.name)
         summaries = [self.run_iteration(t, model_source(self.config, t - 1)) for t in range(1, T + 1)]
-        self._stage(self.root, "run", lambda: {"final_model": str(final), "iterations": T},
+        self.stage(self.root, "run", lambda: {"final_model": str(final), "iterations": T},
                     inputs=[self.root / f"iter_{t}" / "summary.json" for t in range(1, T + 1)])
         if not self.ran:
             log.info("%s: the run is already complete (every stage verified); nothing to do", self.root)
@@ -596,15 +586,15 @@ class MetaRewardingRun:
         e, where = self.config.eft, self.root / "eft"
         eval_files = [resolve_path(f) for f in (e.eval_judge_rows, e.eval_meta_judge_rows) if f and e.eval_rows]
         train_files = [resolve_path(f) for f in (e.judge_rows, e.meta_judge_rows) if f]
-        self._stage(where, "parse_before", lambda: self.parse_rates(base, where / "parse_before", "before"),
+        self.stage(where, "parse_before", lambda: self.parse_rates(base, where / "parse_before", "before"),
                     inputs=lambda: eval_files + self._model_files(base), scratch=[where / "parse_before"])
-        self._stage(where, "train", lambda: self.stage_eft_train(base, where),
+        self.stage(where, "train", lambda: self.stage_eft_train(base, where),
                     inputs=lambda: train_files + self._model_files(base),
                     outputs=[where / "sft_rows.jsonl", where / "hf"], scratch=[where / "train"])
-        self._stage(where, "parse_after", lambda: self.parse_rates(where / "hf", where / "parse_after", "after"),
+        self.stage(where, "parse_after", lambda: self.parse_rates(where / "hf", where / "parse_after", "after"),
                     inputs=lambda: eval_files + [where / "hf"], scratch=[where / "parse_after"])
         markers = [where / ".done" / f"{name}.json" for name in ("parse_before", "train", "parse_after")]
-        self._stage(where, "summary", lambda: self.eft_summary(where), inputs=markers,
+        self.stage(where, "summary", lambda: self.eft_summary(where), inputs=markers,
                     outputs=[where / "summary.json"])
 
     def eft_summary(self, where: Path) -> dict:
@@ -683,7 +673,7 @@ class MetaRewardingRun:
         read = lambda *names: [files[n] for n in names]  # noqa: E731
 
         def stage(name, fn, inputs=(), outputs=(), scratch=()):
-            return self._stage(where, name, fn, inputs, outputs, scratch)
+            return self.stage(where, name, fn, inputs, outputs, scratch)
 
         stage("prompts", lambda: self.stage_prompts(t, where), [self.root / "prompts" / "pool.jsonl"],
               read("prompts"))
@@ -708,17 +698,10 @@ class MetaRewardingRun:
         ran_before = len(self.ran)
         summary = self._stage_summary(t, where, judge_training, [files[n] for n in stages if n in files] +
                                       [where / ".done" / f"{n}.json" for n in stages])
-        if self.report and is_main_process() and len(self.ran) > ran_before:
-            self.write_report()
+        if self.report is not None and is_main_process() and len(self.ran) > ran_before:
+            paths = self.report(self.root)
+            log.info("report: %s (%s)", paths["md"], paths["html"])
         return summary
-
-    def write_report(self) -> None:
-        """The cheap part of the evaluation (lengths, parse rates, score distribution, biases), so the
-        report grows while the run goes; ``python -m mrjax.eval`` adds win rates and judge quality."""
-        from mrjax.eval.report import write_report
-
-        paths = write_report(self.root)
-        log.info("report: %s (%s)", paths["md"], paths["html"])
 
     # ------------------------------------------------------------------ step 2: actor
 
@@ -754,7 +737,7 @@ class MetaRewardingRun:
         questions = {p["id"]: prompt_question(p["prompt"]) for p in jsonl_objects(where / "prompts.jsonl")}
         responses = jsonl_objects(where / "responses.jsonl")
         judge_prompts = [roles.fill_judge_prompt(questions[r["prompt_id"]], r["response"]) for r in responses]
-        score = self._expected_scores if it.judge_score == "expected" else None
+        score = self.expected_scores if it.judge_score == "expected" else None
         out = self.generate_sharded(where / "shards" / "judgments", "judgments", source, judge_prompts,
                                     it.judgments_per_response, it.judge_temperature, it.judge_top_p,
                                     it.judge_max_new_tokens, ("judge", t), score)
@@ -846,7 +829,7 @@ class MetaRewardingRun:
         prompts, response_text, texts, calls = self._meta_calls(where)
         meta_prompts = [roles.fill_meta_judge_prompt(prompt_question(prompts[p]["prompt"]), response_text[(p, k)],
                                                      texts[(p, k, m)], texts[(p, k, n)]) for p, k, m, n in calls]
-        score = self._expected_verdicts if it.meta_judge_verdict == "expected" else None
+        score = self.expected_verdicts if it.meta_judge_verdict == "expected" else None
         # A shard holds the calls of shard_size selected responses (N(N-1) each), so one generate call
         # has enough rows to fill and refill its decode slots.
         per_response = it.judgments_per_response * (it.judgments_per_response - 1)
@@ -983,7 +966,7 @@ class MetaRewardingRun:
                 print_table(summary)
             return {"iteration": t}
 
-        self._stage(where, "summary", summarize, inputs=inputs, outputs=[where / "summary.json"])
+        self.stage(where, "summary", summarize, inputs=inputs, outputs=[where / "summary.json"])
         return json.loads((where / "summary.json").read_text())
 
     def _rewrite_metrics(self) -> None:
@@ -1098,9 +1081,10 @@ def print_table(summary: dict) -> None:
     print(format_table(summary), file=sys.stderr, flush=True)
 
 
-def run_loop(config: Config, progress: bool = True, force_config: bool = False, report: bool = True) -> LoopResult:
+def run_loop(config: Config, progress: bool = True, force_config: bool = False,
+             report: Callable[[Path], dict] | None = None) -> LoopResult:
     """Run (or resume) the Meta-Rewarding / Self-Rewarding loop of ``config`` in ``config.run_dir``;
-    ``report=False`` skips the report written after every iteration."""
+    ``report`` (e.g. ``mrjax.eval.write_report``) is called with the run directory after each iteration."""
     return MetaRewardingRun(config, progress=progress, force_config=force_config, report=report).run()
 
 

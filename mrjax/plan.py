@@ -42,7 +42,7 @@ def model_config(name: str):
 
 def dry_run(config: Config) -> dict[str, Any]:
     from mrjax.mesh import mesh_from_settings
-    from mrjax.model.pretrained import _dtype
+    from mrjax.model.pretrained import resolve_dtype
 
     facts: dict[str, Any] = {"mode": config.mode, "run_dir": config.run_dir}
     if config.mode in ("meta_rewarding", "self_rewarding"):
@@ -53,9 +53,14 @@ def dry_run(config: Config) -> dict[str, Any]:
     else:
         from mrjax.data import read_rows
 
+        from mrjax.model.pretrained import inspect_model
+        from mrjax.rundir import check_run_dir
+
         if not config.train.pairs:
             raise ConfigError("config key 'train.pairs' is empty: name the training file")
+        check_run_dir(config.run_dir)
         facts["train_rows"] = len(read_rows(config.train.pairs, config.mode))
+        inspect_model(config.model.name)  # the loop's check_config did this for the loop modes
     c = model_config(config.model.name)
     longest = max(config.train.max_length, config.eft.max_length if config.eft.enabled else 0)
     if longest > c.max_position_embeddings:
@@ -64,7 +69,7 @@ def dry_run(config: Config) -> dict[str, Any]:
         mesh = mesh_from_settings(config.mesh)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    params = _abstract_params(c, _dtype(config.model.param_dtype), mesh)
+    params = _abstract_params(c, resolve_dtype(config.model.param_dtype), mesh)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     per_device = _bytes_per_device(params)
     per_device_f32 = _bytes_per_device(jax.tree.map(lambda x: x.update(dtype=np.float32), params))
@@ -210,7 +215,7 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     from mrjax import train_step as ts
     from mrjax.mesh import mesh_from_settings
     from mrjax.model.llama import Llama
-    from mrjax.model.pretrained import _dtype
+    from mrjax.model.pretrained import resolve_dtype
 
     c = model_config(config.model.name)
     try:
@@ -218,7 +223,7 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     except ValueError as err:
         raise ConfigError(str(err)) from None
     kind = "dpo" if config.mode in ("meta_rewarding", "self_rewarding") else config.mode
-    dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
+    dtype, param_dtype = resolve_dtype(config.model.dtype), resolve_dtype(config.model.param_dtype)
     params, _, _, _, state = _abstract_training(config, c, param_dtype, mesh)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     param_bytes = _bytes_per_device(params)
@@ -284,10 +289,10 @@ def _decode_plan(config: Config, c, mesh, dtype, param_dtype, params) -> dict[st
 
     from mrjax.mesh import batch_ways, named_sharding
     from mrjax.model.llama import Llama
-    from mrjax.sampling import KV_CACHE_AXES, KVCache, Settings, _programs, prompt_bucket
+    from mrjax.sampling import KV_CACHE_AXES, KVCache, Settings, compiled_programs, prompt_bucket
 
     module = Llama(c, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-    programs = _programs(module, mesh, dtype)
+    programs = compiled_programs(module, mesh, dtype)
     slots, prompt, new = _sampling_shapes(config)
     ways = batch_ways(mesh)
     slots = -(-slots // ways) * ways
@@ -389,7 +394,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mrjax.train import cli_main
+    from mrjax.cli import cli_main
 
     return cli_main(run, argv, print_summary=False)
 

@@ -190,5 +190,13 @@ def read_marker(path: Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def model_source(config, t: int) -> str | Path:
+    """Where M_t lives: M_0 is the EFT model when EFT runs (else ``model.name``), M_t is iter_t/hf."""
+    root = Path(config.run_dir)
+    if t == 0:
+        return root / "eft" / "hf" if config.eft.enabled else config.model.name
+    return root / f"iter_{t}" / "hf"
+
+
 __all__ = ["FAST_PATH_BYTES", "LOCK_FILE", "RunDirError", "RunLock", "check_run_dir", "first_change",
-           "marker_problem", "read_marker", "record", "stage_markers"]
+           "marker_problem", "model_source", "read_marker", "record", "stage_markers"]

@@ -548,7 +548,7 @@ def _pick(logits, step, prompt_index, sample_index, s: Settings, greedy, candida
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(module, mesh: Mesh, dtype) -> Programs:
+def compiled_programs(module, mesh: Mesh, dtype) -> Programs:
     """The jitted programs for one (module, mesh, dtype); cached so compilations are shared."""
     config: LlamaConfig = module.config
     L, kh, d = config.num_layers, config.num_kv_heads, config.head_dim
@@ -676,7 +676,7 @@ def _programs(module, mesh: Mesh, dtype) -> Programs:
 
 def programs_for(model) -> Programs:
     """The jitted programs ``generate`` uses for ``model`` (e.g. to count compilations)."""
-    return _programs(model.module, model.mesh, model.dtype)
+    return compiled_programs(model.module, model.mesh, model.dtype)
 
 
 # --------------------------------------------------------------------------- host side

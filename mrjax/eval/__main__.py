@@ -39,13 +39,13 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mrjax.train import cli_main
+    from mrjax.cli import cli_main
 
     return cli_main(run, argv)
 
 
 if __name__ == "__main__":
-    from mrjax.train import _enable_compilation_cache
+    from mrjax.cli import enable_compilation_cache
 
-    _enable_compilation_cache()
+    enable_compilation_cache()
     sys.exit(main())

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from mrjax.data import jsonl_objects, write_text
+from mrjax.data import jsonl_objects, mean_or_none, write_text
 from mrjax.eval import metrics as mx
-from mrjax.loop import mean_or_none, stage_markers
+from mrjax.rundir import stage_markers
 
 # Thresholds of the plain warnings.
 MIN_COMPARISONS = 30

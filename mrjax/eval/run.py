@@ -30,10 +30,11 @@ import numpy as np
 
 from mrjax import roles
 from mrjax.config import ConfigError, load_config
-from mrjax.data import (DataError, jsonl_objects, prompt_question, read_jsonl, read_prompts, resolve_path,
+from mrjax.data import (DataError, jsonl_objects, mean_or_none, prompt_question, read_jsonl, read_prompts, resolve_path,
                         write_jsonl, write_text)
 from mrjax.eval import metrics as mx
-from mrjax.loop import MetaRewardingRun, config_changes, mean_or_none, model_source, stage_markers
+from mrjax.loop import MetaRewardingRun, config_changes
+from mrjax.rundir import model_source, stage_markers
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class Evaluation:
     # ------------------------------------------------------------------ stages
 
     def stage(self, name: str, fn) -> dict:
-        return self.loop._stage(self.where, name, fn)
+        return self.loop.stage(self.where, name, fn)
 
     def answers(self, t: int, source: str) -> list[dict]:
         path = self.where / f"answers_m{t}.jsonl"
@@ -183,7 +184,7 @@ class Evaluation:
                 prompts.append(roles.fill_pairwise_prompt(m["prompt"], m["response"], r["response"]))  # model is A
                 prompts.append(roles.fill_pairwise_prompt(m["prompt"], r["response"], m["response"]))  # model is B
             expected = self.settings.verdict == "expected"
-            score = functools.partial(self.loop._expected_verdicts, suffix=PAIRWISE_SUFFIX) if expected else None
+            score = functools.partial(self.loop.expected_verdicts, suffix=PAIRWISE_SUFFIX) if expected else None
             out = self.loop.generate_sharded(self.where / "shards" / name,
                                              f"eval pairwise M_{t} vs M_{b}", self.settings.judge, prompts, 1,
                                              it.meta_judge_temperature, it.meta_judge_top_p,
@@ -223,7 +224,7 @@ class Evaluation:
             out = self.loop.generate_sharded(self.where / "shards" / name, f"eval {name}", source,
                                              prompts, n, it.judge_temperature, it.judge_top_p, it.judge_max_new_tokens,
                                              ("eval_judge", name, self.settings.seed),
-                                             self.loop._expected_scores if expected else None)
+                                             self.loop.expected_scores if expected else None)
             rows, stats = [], roles.ParseStats()
             for per in out:
                 scores = []

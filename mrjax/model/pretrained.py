@@ -18,7 +18,8 @@ from mrjax.tokenizer import Tokenizer, load_tokenizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _dtype(name: Any) -> Any:
+def resolve_dtype(name: Any) -> Any:
+    """A dtype from its config name (float32 | bfloat16); a dtype passes through."""
     if isinstance(name, str):
         if name not in DTYPES:
             raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
@@ -43,7 +44,7 @@ class Model:
         remat_policy: str = "full",
     ):
         self.config, self.params, self.mesh = config, params, mesh
-        self.dtype = _dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {remat_policy!r}")
         self.module = Llama(config, dtype=self.dtype, param_dtype=_leaf_dtype(params), remat=remat, mesh=mesh,
@@ -124,7 +125,7 @@ def param_shardings(config: LlamaConfig, mesh: Mesh) -> dict:
 
 def init_params(config: LlamaConfig, mesh: Mesh, seed: int = 0, param_dtype: Any = jnp.float32) -> dict:
     """Random parameters created already sharded (never whole on one device)."""
-    module = Llama(config, param_dtype=_dtype(param_dtype))
+    module = Llama(config, param_dtype=resolve_dtype(param_dtype))
     tokens = jnp.zeros((1, 1), jnp.int32)
     init = jax.jit(lambda rng: nn.unbox(module.init(rng, tokens))["params"], out_shardings=param_shardings(config, mesh))
     return init(jax.random.key(seed))
@@ -153,7 +154,7 @@ def load_pretrained(
         return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
 
     path, config, source, tokenizer = _open_checkpoint(name)
-    params = weights.load_params(config, source, param_shardings(config, mesh), _dtype(param_dtype), progress)
+    params = weights.load_params(config, source, param_shardings(config, mesh), resolve_dtype(param_dtype), progress)
     return Model(config, params, mesh, dtype, remat, remat_policy), tokenizer
 
 
