@@ -3,7 +3,7 @@
     cfg = load_config("configs/smollm2.yaml", ["train.learning_rate=1e-6", "mesh.tensor=4"])
 
 Unknown keys and values of the wrong type are errors that name the dotted key.
-Defaults follow SPEC.md; values marked *(uncertain)* there are plain fields here.
+Defaults follow the method (docs/method.md); values marked *(uncertain)* there are plain fields here.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class DPOSettings:
 
 @dataclasses.dataclass(frozen=True)
 class IterationSettings:
-    """The Meta-Rewarding iterations (SPEC steps 1-7)."""
+    """The Meta-Rewarding iterations (docs/method.md, steps 1-7)."""
 
     iterations: int = 4
     prompts_per_iteration: int = 5000
@@ -199,7 +199,7 @@ class IterationSettings:
 
 @dataclasses.dataclass(frozen=True)
 class PromptSettings:
-    """Where the iterations' prompts come from (SPEC step 1)."""
+    """Where the iterations' prompts come from (docs/method.md, step 1)."""
 
     # seed: the built-in pool shipped in the package; jsonl: a file of {"prompt"} or {"messages"};
     # self_instruct: the model writes new prompts from 8 examples of the seed pool (or `path`);

@@ -1,4 +1,4 @@
-"""The Meta-Rewarding loop (SPEC "The iteration M_t -> M_{t+1}") as resumable stages.
+"""The Meta-Rewarding loop (docs/method.md, "The iteration M_t -> M_{t+1}") as resumable stages.
 
     python -m mrjax.train --config configs/smollm2.yaml        # make run
     from mrjax.loop import run_loop; result = run_loop(load_config("configs/tiny.yaml"))

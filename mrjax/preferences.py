@@ -1,4 +1,4 @@
-"""Preference pairs for Meta-Rewarding as pure, jitted jnp functions (SPEC steps 3-5).
+"""Preference pairs for Meta-Rewarding as pure, jitted jnp functions (docs/method.md, steps 3-5).
 
 Arrays in, arrays out. Every function is batched over prompts (leading axis P)
 and handles ragged counts with boolean masks, so one compiled program serves a
@@ -20,7 +20,7 @@ Public API::
 Indices returned for a prompt whose ``valid`` is False are in range (safe to
 gather with) but meaningless.
 
-Meta-judge results use the SPEC's encoding: ``meta_results[p, m, n]`` is the
+Meta-judge results use the method's encoding: ``meta_results[p, m, n]`` is the
 meta-judge's verdict with judgment m in the first position ("Judgment A") and
 judgment n in the second: +1 if the first wins, -1 if the second wins, 0 on a
 tie or an unparseable answer. Both orders of every pair live in one [N, N]
@@ -186,7 +186,7 @@ def _response_scores(judgment_scores, judgment_mask):
 
 
 def response_scores(judgment_scores, judgment_mask=None) -> tuple[jax.Array, jax.Array]:
-    """Mean of each response's valid judgment scores (SPEC step 3).
+    """Mean of each response's valid judgment scores (method, step 3).
 
     judgment_scores [P, K, N] float, judgment_mask [P, K, N] bool (True = a
     judgment that parsed into [0, 5]). Returns (scores [P, K], has_score
@@ -267,7 +267,7 @@ def actor_pairs(
     max_chosen_chars: float | None = None,
     score_atol: float = DEFAULT_SCORE_ATOL,
 ) -> ActorPairs:
-    """Length-controlled actor pairs (SPEC step 4), one per prompt.
+    """Length-controlled actor pairs (method, step 4), one per prompt.
 
     scores [P, K] mean judge scores, lengths [P, K] characters, mask [P, K]
     (True = a real response with a score). With S_max, S_min over a prompt's
@@ -326,7 +326,7 @@ def select_judged_response(
     min_judgments: int = 2,
     variance_atol: float = DEFAULT_VARIANCE_ATOL,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The response per prompt whose judgments the meta-judge compares (SPEC step 5).
+    """The response per prompt whose judgments the meta-judge compares (method, step 5).
 
     judgment_scores, judgment_mask [P, K, N]. Picks the response with the
     largest population variance of its valid judgment scores (first on ties),
@@ -387,7 +387,7 @@ def _positional_weights_jit(meta_results, meta_mask):
 
 
 def positional_weights(meta_results, meta_mask=None) -> tuple[jax.Array, jax.Array]:
-    """(omega1, omega2) from every meta-judge call in the batch (SPEC step 5).
+    """(omega1, omega2) from every meta-judge call in the batch (method, step 5).
 
     omega1 = win2nd / (win1st + win2nd) weighs a first-position win, omega2 =
     win1st / (win1st + win2nd) a second-position win; ties and masked or
@@ -570,7 +570,7 @@ def judge_pairs(
     max_step: float = DEFAULT_MAX_NEWTON_STEP,
     min_elo_gap: float = DEFAULT_MIN_ELO_GAP,
 ) -> JudgePairs:
-    """Judge pairs via the meta-judge (SPEC step 5), one per prompt at most.
+    """Judge pairs via the meta-judge (method, step 5), one per prompt at most.
 
     judgment_scores, judgment_mask, judgment_lengths [P, K, N]: every judgment's
     parsed score, whether it parsed into [0, 5], and its length in characters.

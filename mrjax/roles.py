@@ -1,4 +1,4 @@
-"""The three roles' prompts and their parsers (SPEC "Prompt templates", steps 1, 3, 5).
+"""The three roles' prompts and their parsers (docs/method.md, "Prompt templates", steps 1, 3, 5).
 
 One model plays actor, judge and meta-judge. This module holds the text side:
 the judge and meta-judge templates exactly as the papers print them, a
@@ -300,7 +300,7 @@ def parse_meta_judge(text: str, stats: ParseStats | None = None) -> Winner | Non
 
 
 def winner_to_result(winner: Winner | None) -> int:
-    """SPEC's r for one meta-judge call: +1 first position wins, -1 second wins, 0 otherwise."""
+    """The method's r for one meta-judge call: +1 first position wins, -1 second wins, 0 otherwise."""
     if winner == "A":
         return 1
     if winner == "B":

@@ -1,7 +1,7 @@
 """Actor pairs, judge pairs, Bradley-Terry Elo and expected scores (mrjax.preferences).
 
 References are independent of the implementation: hand-worked examples, plain
-Python with exact fractions for the SPEC rules, and float64 scipy for Elo.
+Python with exact fractions for the method's rules (docs/method.md), and float64 scipy for Elo.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 def reference_actor_pair(scores, lengths, mask, rho, max_chosen_chars=None):
-    """SPEC step 4 in exact arithmetic; scores and rho are Fractions. (chosen, rejected) or None."""
+    """Method step 4 in exact arithmetic; scores and rho are Fractions. (chosen, rejected) or None."""
     items = [(scores[i], lengths[i], i) for i in range(len(scores)) if mask[i]]
     if not items:
         return None
@@ -66,7 +66,7 @@ def reference_elo(battles, l2):
 
 
 def reference_weights_and_battles(meta_results, call_mask):
-    """SPEC's omega1, omega2 and B with plain Python loops."""
+    """The method's omega1, omega2 and B with plain Python loops."""
     P, N, _ = len(meta_results), len(meta_results[0]), None
     win_first = win_second = 0
     for p in range(P):

@@ -6,8 +6,8 @@ import pytest
 from mrjax import roles
 from mrjax.roles import ParseStats
 
-# The judge prompt as printed in SPEC.md (Self-Rewarding Fig. 2), copied by hand.
-SPEC_JUDGE = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
+# The judge prompt as the paper prints it (Self-Rewarding Fig. 2), copied by hand.
+PAPER_JUDGE = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
 
 - Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it is incomplete or contains some irrelevant content.
 - Add another point if the response addresses a substantial portion of the user's question, but does not completely resolve the query or provide a direct answer.
@@ -24,12 +24,12 @@ After examining the user's instruction and the response:
 
 Remember to assess from the AI Assistant perspective, utilizing web search knowledge as necessary. To evaluate the response in alignment with this additive scoring model, we'll systematically attribute points based on the outlined criteria."""
 
-SPEC_META_HEAD = (
+PAPER_META_HEAD = (
     "Review the user's question and the corresponding response, along with two judgments. "
     "Determine which judgment is more accurate according to the rubric provided below. "
     "The rubric used for the initial judgments is as follows:\n- Add 1 point if the response is relevant"
 )
-SPEC_META_TAIL = """User: {prompt}
+PAPER_META_TAIL = """User: {prompt}
 Response: {response}
 Judgment A: {judgment_a}
 Judgment B: {judgment_b}
@@ -40,14 +40,14 @@ After examining the original question, response, and both judgments:
 
 
 def test_judge_template_is_the_published_one():
-    assert roles.JUDGE_TEMPLATE == SPEC_JUDGE
+    assert roles.JUDGE_TEMPLATE == PAPER_JUDGE
 
 
 def test_meta_judge_template_has_the_rubric_written_out():
     t = roles.META_JUDGE_TEMPLATE
-    assert t.startswith(SPEC_META_HEAD)
-    assert t.endswith(SPEC_META_TAIL)
-    rubric = SPEC_JUDGE.split("\n\n")[1].splitlines()
+    assert t.startswith(PAPER_META_HEAD)
+    assert t.endswith(PAPER_META_TAIL)
+    rubric = PAPER_JUDGE.split("\n\n")[1].splitlines()
     assert len(rubric) == 5
     assert "\n".join(rubric) in t
     assert "..." not in t

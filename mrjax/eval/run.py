@@ -1,4 +1,4 @@
-"""Evaluate a run directory: actor win rates, judge quality, meta-judge biases (SPEC, last section).
+"""Evaluate a run directory: actor win rates, judge quality, meta-judge biases (docs/method.md, last section).
 
     python -m mrjax.eval --run runs/smollm2 [--judge <hf dir | gguf>] [--prompts <jsonl>] [--human <jsonl>]
 
