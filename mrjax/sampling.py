@@ -52,7 +52,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mrjax import mesh as mesh_lib
-from mrjax.model.llama import KV_CACHE_AXES, KVCache, LlamaConfig, rope_frequencies, unembedding
+from mrjax.model.decode import (DECODE_K_AXES, DECODE_V_AXES, decode_logits, decode_step, decode_weights,
+                                prefix_decode_layout, to_decode_layout)
+from mrjax.model.llama import KV_CACHE_AXES, KVCache, LlamaConfig, unembedding
 from mrjax.tokenizer import Prompt
 
 
@@ -78,9 +80,6 @@ REFILL_FRACTION = 8
 # it is free, down to this many slots: finished rows stop costing decode steps.
 MIN_SHRUNK_POOL = 8
 
-# Logical axes of one layer's decode-layout cache (see _decode_step).
-DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "seq")
-DECODE_V_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
 class SamplingError(ValueError):
@@ -349,140 +348,6 @@ def _needs_candidates(config: SamplingConfig, vocab: int) -> int:
     return min(vocab, max(config.top_k + 1, config.top_p_candidates))  # + 1: the k-th above the last
 
 
-# --------------------------------------------------------------------------- the model step
-#
-# The decode step runs on a copy of the weights made once per ``generate`` call: one array
-# per layer (slicing a stacked [layers, ...] parameter inside the loop makes XLA:CPU copy
-# it every step) and each matrix stored [out, in], so every projection is
-# ``W [out, in] . x [in, batch]`` with the activations kept feature-major. That is the
-# orientation in which XLA:CPU's small-batch GEMM runs fastest.
-
-
-def _rms_norm_t(x, scale, eps):
-    """llama.RMSNorm on feature-major activations x [E, B]."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
-    return normed * scale.astype(jnp.float32)[:, None]
-
-
-def _matmul(w, x):
-    """W [out, in] . x [in, B] -> float32 [out, B] (accumulated in float32 for bfloat16 weights)."""
-    return jnp.einsum("nk,kb->nb", w, x.astype(w.dtype), preferred_element_type=jnp.float32)
-
-
-def _rotate(x, cos, sin):
-    # llama.apply_rope for one token per row: x [B, heads, D], cos/sin [B, 1, D/2].
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-_DECODE_WEIGHT_AXES = {
-    "q": ("heads", "embed"),
-    "k": ("kv_heads", "embed"),
-    "v": ("kv_heads", "embed"),
-    "o": ("embed", "heads"),
-    "gate": ("mlp", "embed"),
-    "up": ("mlp", "embed"),
-    "down": ("embed", "mlp"),
-    "attn_norm": ("embed",),
-    "mlp_norm": ("embed",),
-}
-
-
-def decode_weights(params: dict, config: LlamaConfig, dtype, mesh: Mesh | None) -> dict:
-    """Per-layer, [out, in] copies of the weights for the decode step (traceable)."""
-    c = config
-    e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    lp = params["layers"]
-    layers = []
-    for i in range(c.num_layers):
-        a, m = lp["attn"], lp["mlp"]
-        w = {
-            "q": a["q"][i].reshape(e, h * d).T,
-            "k": a["k"][i].reshape(e, k * d).T,
-            "v": a["v"][i].reshape(e, k * d).T,
-            "o": a["o"][i].reshape(h * d, e).T,
-            "gate": m["gate"][i].T,
-            "up": m["up"][i].T,
-            "down": m["down"][i].T,
-        }
-        w = {name: x.astype(dtype) for name, x in w.items()}
-        w["attn_norm"] = lp["attn_norm"]["scale"][i]
-        w["mlp_norm"] = lp["mlp_norm"]["scale"][i]
-        layers.append({name: _constrain(x, mesh, _DECODE_WEIGHT_AXES[name]) for name, x in w.items()})
-    unembed = unembedding(params, c).T
-    return {
-        "layers": layers,
-        "embedding": params["embedding"],
-        "unembed": _constrain(unembed.astype(dtype), mesh, ("vocab", "embed")),
-        "final_norm": params["final_norm"]["scale"],
-    }
-
-
-def _logits(weights, x):
-    """Final-norm hidden states, feature-major [E, B] -> float32 logits [B, V]."""
-    # The barrier keeps XLA from folding the transpose into the product, which would turn it
-    # back into the [B, E] x [E, V] orientation that runs at about half the speed on CPU.
-    return jax.lax.optimization_barrier(_matmul(weights["unembed"], x)).T
-
-
-def _decode_step(weights, config: LlamaConfig, mesh, tokens, positions, caches, row_allowed, slots, shared):
-    """Logits [B, V] for one token per row at ``positions`` [B]; writes its keys/values at ``slots`` [B].
-
-    Each row attends over two caches. ``shared`` = (per layer (keys [Kh, D, C], values [Kh, C, D]),
-    mask [C]) is the prompt prefix every row of the call has in common, stored once and read
-    once per step for all rows. ``caches`` holds per layer the row's own slots (keys
-    [B, Kh, D, S], values [B, Kh, S, D]: position axis minor for keys and head_dim minor for
-    values, the layouts in which XLA:CPU's batched q.k and p.v products run fastest);
-    ``row_allowed`` [B, S] says which of them a query may attend to. One softmax runs over
-    both, so the arithmetic is ``Llama.apply``'s, reordered for one token. A slot index past
-    the cache (finished rows) writes nothing.
-    """
-    c = config
-    B = tokens.shape[0]
-    h, kh, d = c.num_heads, c.num_kv_heads, c.head_dim
-    groups = h // kh
-    shared_layers, shared_mask = shared
-    C = shared_mask.shape[0]
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_frequencies(c))
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
-    x = jnp.take(weights["embedding"], tokens, axis=0).astype(jnp.float32).T  # [E, B]
-    neg = jnp.finfo(jnp.float32).min
-    mask = jnp.concatenate([jnp.broadcast_to(shared_mask[None], (B, C)), row_allowed], axis=1)[:, None, None, :]
-    rows = jnp.arange(B)
-    new_caches = []
-    for w, (cache_k, cache_v), (prefix_k, prefix_v) in zip(weights["layers"], caches, shared_layers):
-        hidden = _rms_norm_t(x, w["attn_norm"], c.rms_norm_eps)
-        q = _rotate(_matmul(w["q"], hidden).reshape(h, d, B).transpose(2, 0, 1), cos, sin)
-        k = _rotate(_matmul(w["k"], hidden).reshape(kh, d, B).transpose(2, 0, 1), cos, sin)
-        v = _matmul(w["v"], hidden).reshape(kh, d, B).transpose(2, 0, 1)
-        cache_k = cache_k.at[rows, :, :, slots].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[rows, :, slots, :].set(v.astype(cache_v.dtype), mode="drop")
-        new_caches.append((cache_k, cache_v))
-        q = q.reshape(B, kh, groups, d)
-        # The shared prefix is one [B * groups, D] x [D, C] product per kv head (kv-head-major
-        # operands: XLA:CPU runs the row-major einsum over (b, k) about 1.7x slower).
-        by_head = lambda a: a.transpose(1, 0, 2, 3).reshape(kh, B * groups, a.shape[-1])  # noqa: E731
-        prefix_scores = jnp.einsum("kmd,kds->kms", by_head(q), prefix_k.astype(jnp.float32))
-        scores = jnp.concatenate(
-            [
-                prefix_scores.reshape(kh, B, groups, C).transpose(1, 0, 2, 3),
-                jnp.einsum("bkgd,bkds->bkgs", q, cache_k.astype(jnp.float32)),
-            ],
-            axis=-1,
-        ) / math.sqrt(d)
-        probs = jax.nn.softmax(jnp.where(mask, scores, neg), axis=-1)
-        prefix_attn = jnp.einsum("kms,ksd->kmd", by_head(probs[..., :C]), prefix_v.astype(jnp.float32))
-        attn = prefix_attn.reshape(kh, B, groups, d).transpose(1, 0, 2, 3) + jnp.einsum(
-            "bkgs,bksd->bkgd", probs[..., C:], cache_v.astype(jnp.float32)
-        )
-        x = x + _matmul(w["o"], attn.reshape(B, h * d).T)
-        hidden = _rms_norm_t(x, w["mlp_norm"], c.rms_norm_eps)
-        x = x + _matmul(w["down"], jax.nn.silu(_matmul(w["gate"], hidden)) * _matmul(w["up"], hidden))
-    x = _rms_norm_t(x, weights["final_norm"], c.rms_norm_eps)
-    return _logits(weights, x), new_caches
-
-
 # --------------------------------------------------------------------------- jitted programs
 
 
@@ -603,14 +468,14 @@ def compiled_programs(module, mesh: Mesh, dtype) -> Programs:
         k = jnp.take_along_axis(jnp.take(cache.k, row_prompt, axis=1), packing, axis=2)  # [L, N, P, Kh, D]
         v = jnp.take_along_axis(jnp.take(cache.v, row_prompt, axis=1), packing, axis=2)
         generated = (0, S - P)  # the slots after the prompt's, for the tokens the row generates
-        caches = [
-            (ck.at[where].set(jnp.pad(k[i].transpose(0, 2, 3, 1), ((0, 0),) * 3 + (generated,)), mode="drop"),
-             cv.at[where].set(jnp.pad(v[i].transpose(0, 2, 1, 3), ((0, 0),) * 2 + (generated, (0, 0))), mode="drop"))
-            for i, (ck, cv) in enumerate(pool.caches)
-        ]
+        caches = []
+        for i, (ck, cv) in enumerate(pool.caches):
+            dk, dv = to_decode_layout(k[i], v[i])
+            caches.append((ck.at[where].set(jnp.pad(dk, ((0, 0),) * 3 + (generated,)), mode="drop"),
+                           cv.at[where].set(jnp.pad(dv, ((0, 0),) * 2 + (generated, (0, 0))), mode="drop")))
         hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
         zero = jnp.zeros_like(row_prompt)
-        token, logprob = _pick(_logits(weights, hidden), zero, prompt_index, sample_index, s, greedy, candidates)
+        token, logprob = _pick(decode_logits(weights, hidden), zero, prompt_index, sample_index, s, greedy, candidates)
         stopped = jnp.isin(token, s.stop_ids)
         put = lambda a, x: a.at[where].set(x, mode="drop")
         return Slots(
@@ -630,7 +495,7 @@ def compiled_programs(module, mesh: Mesh, dtype) -> Programs:
         rows = jnp.arange(B)
         gen_ids = jnp.arange(pool.caches[0][0].shape[-1] - P, dtype=jnp.int32)
         # The shared prefix in decode layout, read by every row.
-        shared = ([(prefix.k[i, 0].transpose(1, 2, 0), prefix.v[i, 0].transpose(1, 0, 2)) for i in range(L)], prefix_mask)
+        shared = (prefix_decode_layout(prefix, L), prefix_mask)
 
         def cond(state):
             _, _, done, *_ = state
@@ -640,8 +505,8 @@ def compiled_programs(module, mesh: Mesh, dtype) -> Programs:
             token, step, done, stopped, out_tokens, out_logprobs, caches = state
             slots = jnp.where(done, P + len(gen_ids), P + step - 1)  # where the previous token's keys and values go
             allowed = jnp.concatenate([pool.prompt_mask, gen_ids[None] <= (step - 1)[:, None]], axis=1)
-            logits, caches = _decode_step(weights, config, mesh, token, pool.prompt_len + step - 1, caches, allowed,
-                                          slots, shared)
+            logits, caches = decode_step(weights, config, token, pool.prompt_len + step - 1, caches, allowed, slots,
+                                         shared)
             new_token, logprob = _pick(logits, step, pool.prompt_index, pool.sample_index, s, greedy, candidates)
             record = jnp.where(done, out_tokens.shape[1], step)  # finished rows record nothing
             out_tokens = out_tokens.at[rows, record].set(new_token, mode="drop")

@@ -385,3 +385,15 @@ def test_self_instruct_pool_from_the_model(tmp_path, monkeypatch):
                     tmp_path / "b" / "prompts" / "self_instruct_shards")  # the same requests: reused, not rerun
     with pytest.raises(DataError, match=r"self-instruct wrote 0 usable new prompts from 9 requests"):
         MetaRewardingRun(strict, progress=False).stage_prompt_pool()
+
+
+@pytest.mark.slow
+def test_tiny_loop_runs_in_bfloat16(tmp_path):
+    """The path pods and GPU hosts run: bfloat16 compute (float32 parameters) through every stage."""
+    done = run_cli("--config", str(TINY), f"run_dir={tmp_path}", "--quiet", "--no-eval", "model.dtype=bfloat16",
+                   "eft.enabled=false", "iteration.iterations=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "iter_1" / "summary.json").read_text())
+    assert summary["actor_pairs"] > 0 and summary["judge_pairs"] > 0 and summary["dpo_steps"] > 0
+    assert np.isfinite(summary["dpo_loss"]) and np.isfinite(summary["score_mean"])
+    assert (tmp_path / "iter_1" / "hf" / "model.safetensors").is_file()

@@ -565,3 +565,22 @@ def test_packed_slots_keep_only_real_tokens():
     np.testing.assert_array_equal(packing, [[1, 1, 2, 5, 6, 7], [1, 1, 1, 1, 2, 7]])
     np.testing.assert_array_equal(packed, [[False, True, True, True, True, True],
                                            [False, False, False, True, True, True]])
+
+
+def test_bfloat16_greedy_tokens_stay_close_to_float32(smol):
+    """SmolLM2 in bfloat16 compute (float32 parameters) against float32, greedy, 8 prompts x 64 tokens:
+    measured 89.6% of the tokens identical, four prompts identical throughout (README, Sampling)."""
+    from mrjax import load_pretrained
+
+    model32, tok = smol
+    model16, _ = load_pretrained("smollm2-135m-instruct", mesh=model32.mesh, dtype="bfloat16", progress=False)
+    prompts = ["Hi!", "What is the capital of France?", "Write a haiku about the sea.",
+               "Explain in two sentences why the sky is blue.", "Give me a recipe for pancakes.",
+               "What are the main differences between Python lists and tuples?",
+               "Summarise the plot of Romeo and Juliet for a ten-year-old.", "How do I reverse a linked list?"]
+    config = SamplingConfig(max_new_tokens=64, min_new_tokens=64, temperature=0.0, batch_size=8)
+    a = generate(model32, tok, prompts, config, progress=False).token_ids
+    b = generate(model16, tok, prompts, config, progress=False).token_ids
+    same = [sum(x == y for x, y in zip(p[0], q[0])) for p, q in zip(a, b)]
+    assert sum(same) / (8 * 64) >= 0.8, same
+    assert sum(s == 64 for s in same) >= 2, same

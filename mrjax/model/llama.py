@@ -100,14 +100,70 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- shared primitives
+# The arithmetic both the Flax module below and the decode step (mrjax.model.decode) compute.
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """float32 RMSNorm of ``x`` over ``axis`` (the feature axis), times ``scale``."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return normed * scale.astype(jnp.float32).reshape(shape)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., head_dim/2] of the rotation angles at integer ``positions`` [...]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """float32 RoPE rotation of x [..., head_dim] in HF's half-split layout (cos, sin broadcast to [..., D/2])."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The MLP's gated activation: silu(x W_gate) * (x W_up)."""
+    return jax.nn.silu(gate) * up
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotate [B, T, heads, head_dim] by ``positions`` [B, T] (HF half-split layout)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    cos, sin = rope_angles(positions, inv_freq)  # [B, T, D/2]
+    return rotate(x, cos[:, :, None, :], sin[:, :, None, :]).astype(x.dtype)
+
+
+# The residual stream's dtype in every compute dtype: in bfloat16 only the matmul inputs are rounded,
+# not the running sum of the layers' outputs (SmolLM2's greedy tokens stay closer to float32's).
+RESIDUAL_DTYPE = jnp.float32
+
+
+# Every parameter's path in the tree (the Flax names); "layers/..." leaves are stacked over layers.
+# weights.py maps them to checkpoint tensors and decode.py takes its per-layer view through them.
+PARAMETER_PATHS = {
+    "embedding": "embedding",
+    "final_norm": "final_norm/scale",
+    "lm_head": "lm_head",
+    "attn_norm": "layers/attn_norm/scale",
+    "mlp_norm": "layers/mlp_norm/scale",
+    "q": "layers/attn/q",
+    "k": "layers/attn/k",
+    "v": "layers/attn/v",
+    "o": "layers/attn/o",
+    "gate": "layers/mlp/gate",
+    "up": "layers/mlp/up",
+    "down": "layers/mlp/down",
+}
+
+
+def param_at(params: dict, path: str) -> Any:
+    """The leaf of a parameter tree at a ``PARAMETER_PATHS`` path."""
+    for part in path.split("/"):
+        params = params[part]
+    return params
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...], init=None):
@@ -123,9 +179,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+        return rms_norm(x, scale, self.eps).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -189,7 +243,7 @@ class MLP(nn.Module):
         gate = _param(self, "gate", (e, m), ("embed", "mlp")).astype(self.dtype)
         up = _param(self, "up", (e, m), ("embed", "mlp")).astype(self.dtype)
         down = _param(self, "down", (m, e), ("mlp", "embed")).astype(self.dtype)
-        hidden = jax.nn.silu(x @ gate) * (x @ up)
+        hidden = swiglu(x @ gate, x @ up)
         hidden = constrain(hidden, self.mesh, ("batch", "seq", "mlp"))
         return hidden @ down
 
@@ -207,8 +261,9 @@ class Block(nn.Module):
         attn_out, new_cache = Attention(self.config, mesh=self.mesh, name="attn", **kw)(
             RMSNorm(eps, name="attn_norm", **kw)(x), positions, kv_mask, layer_cache, cache_index
         )
-        x = x + attn_out
-        x = x + MLP(self.config, mesh=self.mesh, name="mlp", **kw)(RMSNorm(eps, name="mlp_norm", **kw)(x))
+        x = (x + attn_out).astype(RESIDUAL_DTYPE)
+        x = (x + MLP(self.config, mesh=self.mesh, name="mlp", **kw)(RMSNorm(eps, name="mlp_norm", **kw)(x))).astype(
+            RESIDUAL_DTYPE)
         x = constrain(x, self.mesh, ("batch", "seq", None))
         return x, new_cache
 
@@ -250,7 +305,7 @@ class Llama(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(RESIDUAL_DTYPE)
         x = constrain(x, self.mesh, ("batch", "seq", None))
 
         block = Block
@@ -284,4 +339,5 @@ class Llama(nn.Module):
 
 def unembedding(params: dict, config: LlamaConfig) -> jax.Array:
     """The [embed, vocab] output matrix (the embedding's transpose when tied)."""
-    return params["embedding"].T if config.tie_word_embeddings else params["lm_head"]
+    path = PARAMETER_PATHS["embedding" if config.tie_word_embeddings else "lm_head"]
+    return param_at(params, path).T if config.tie_word_embeddings else param_at(params, path)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from mrjax.mesh import fetch, is_main_process
-from mrjax.model.llama import LlamaConfig, RopeScaling
+from mrjax.model.llama import PARAMETER_PATHS as P
+from mrjax.model.llama import LlamaConfig, RopeScaling, param_at
 
 
 class WeightsError(ValueError):
@@ -33,54 +34,54 @@ def _layouts(c: LlamaConfig) -> dict[str, tuple[str, Callable, Callable]]:
     same = (lambda w: w, lambda w: w)
     transpose = (lambda w: w.T, lambda w: w.T)
     table = {
-        "embedding": ("model.embed_tokens.weight", *same),
-        "final_norm/scale": ("model.norm.weight", *same),
-        "layers/attn_norm/scale": ("model.layers.{i}.input_layernorm.weight", *same),
-        "layers/mlp_norm/scale": ("model.layers.{i}.post_attention_layernorm.weight", *same),
-        "layers/attn/q": (
+        P["embedding"]: ("model.embed_tokens.weight", *same),
+        P["final_norm"]: ("model.norm.weight", *same),
+        P["attn_norm"]: ("model.layers.{i}.input_layernorm.weight", *same),
+        P["mlp_norm"]: ("model.layers.{i}.post_attention_layernorm.weight", *same),
+        P["q"]: (
             "model.layers.{i}.self_attn.q_proj.weight",
             lambda w: w.T.reshape(e, h, d),
             lambda w: w.reshape(e, h * d).T,
         ),
-        "layers/attn/k": (
+        P["k"]: (
             "model.layers.{i}.self_attn.k_proj.weight",
             lambda w: w.T.reshape(e, k, d),
             lambda w: w.reshape(e, k * d).T,
         ),
-        "layers/attn/v": (
+        P["v"]: (
             "model.layers.{i}.self_attn.v_proj.weight",
             lambda w: w.T.reshape(e, k, d),
             lambda w: w.reshape(e, k * d).T,
         ),
-        "layers/attn/o": (
+        P["o"]: (
             "model.layers.{i}.self_attn.o_proj.weight",
             lambda w: w.T.reshape(h, d, e),
             lambda w: w.reshape(h * d, e).T,
         ),
-        "layers/mlp/gate": ("model.layers.{i}.mlp.gate_proj.weight", *transpose),
-        "layers/mlp/up": ("model.layers.{i}.mlp.up_proj.weight", *transpose),
-        "layers/mlp/down": ("model.layers.{i}.mlp.down_proj.weight", *transpose),
+        P["gate"]: ("model.layers.{i}.mlp.gate_proj.weight", *transpose),
+        P["up"]: ("model.layers.{i}.mlp.up_proj.weight", *transpose),
+        P["down"]: ("model.layers.{i}.mlp.down_proj.weight", *transpose),
     }
     if not c.tie_word_embeddings:
-        table["lm_head"] = ("lm_head.weight", *transpose)
+        table[P["lm_head"]] = ("lm_head.weight", *transpose)
     return table
 
 
 def _hf_shape(c: LlamaConfig, path: str) -> tuple[int, ...]:
     e, h, k, d, m, v = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
     return {
-        "embedding": (v, e),
-        "final_norm/scale": (e,),
-        "layers/attn_norm/scale": (e,),
-        "layers/mlp_norm/scale": (e,),
-        "layers/attn/q": (h * d, e),
-        "layers/attn/k": (k * d, e),
-        "layers/attn/v": (k * d, e),
-        "layers/attn/o": (e, h * d),
-        "layers/mlp/gate": (m, e),
-        "layers/mlp/up": (m, e),
-        "layers/mlp/down": (e, m),
-        "lm_head": (v, e),
+        P["embedding"]: (v, e),
+        P["final_norm"]: (e,),
+        P["attn_norm"]: (e,),
+        P["mlp_norm"]: (e,),
+        P["q"]: (h * d, e),
+        P["k"]: (k * d, e),
+        P["v"]: (k * d, e),
+        P["o"]: (e, h * d),
+        P["gate"]: (m, e),
+        P["up"]: (m, e),
+        P["down"]: (e, m),
+        P["lm_head"]: (v, e),
     }[path]
 
 
@@ -326,9 +327,7 @@ def _set(tree: dict, path: str, value: Any) -> None:
 
 
 def _get(tree: dict, path: str) -> Any:
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
+    return param_at(tree, path)
 
 
 def load_params(
