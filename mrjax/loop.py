@@ -35,15 +35,14 @@ from mrjax import faults, roles
 from mrjax import preferences as pf
 from mrjax.config import Config, ConfigError, to_dict
 from mrjax.mesh import agreed, barrier, is_main_process
-from mrjax.rundir import RunLock, check_run_dir, marker_problem, model_source, read_marker, record, stage_markers
 from mrjax.data import (
-    mean_or_none,
     SEED_PROMPTS,
     DataError,
-    resolve_path,
     dedupe_prompts,
+    file_fingerprint,
     jsonl_objects,
     judge_sft_row,
+    mean_or_none,
     meta_judge_sft_row,
     prompt_question,
     read_jsonl,
@@ -51,12 +50,13 @@ from mrjax.data import (
     read_meta_judge_rows,
     read_prompt_rows,
     read_prompts,
-    file_fingerprint,
+    resolve_path,
     tfds_prompts,
     tokenize_rows,
     write_jsonl,
     write_text,
 )
+from mrjax.rundir import RunLock, check_run_dir, marker_problem, model_source, read_marker, record, stage_markers
 
 log = logging.getLogger(__name__)
 
