@@ -93,28 +93,35 @@ def _pairs_and_params(run_dir: Path) -> dict[str, bytes]:
     return {name: (run_dir / name).read_bytes() for name in names}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("damage, noticed", [
+DAMAGE = [  # (what is done to a finished run, the line that says it was noticed and redone)
     ("truncate iter_1/judgments.jsonl", "iter_1/judgments: redoing the stage, an output: iter_1/judgments.jsonl"),
     ("delete iter_1/.done/actor_pairs.json", "iter_1/actor_pairs done"),
-    ("delete iter_2/.done/summary.json", "iter_2/summary done"),
     ("delete iter_1/hf/model.safetensors", "iter_1/train: redoing the stage, an output: iter_1/hf/model.safetensors"),
-])
-def test_a_damaged_finished_run_is_noticed_and_redone_to_the_same_bytes(tiny_run, tmp_path, damage, noticed):
+    ("delete iter_2/.done/summary.json", "iter_2/summary done"),
+]
+
+
+@pytest.mark.slow
+def test_a_damaged_finished_run_is_noticed_and_redone_to_the_same_bytes(tiny_run, tmp_path):
+    """Each damage of DAMAGE (all at once, in one re-run: each stage verifies its own records) is noticed,
+    the stages it touches are redone, and the run ends byte-identical to the uninterrupted one."""
     reference, _ = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    how, name = damage.split(" ", 1)
-    path = run_dir / name
-    if how == "truncate":
-        text = path.read_bytes()
-        path.write_bytes(text[: len(text) - 40])  # the last line cut in half
-    else:
-        path.unlink()
+    for damage, _ in DAMAGE:
+        how, name = damage.split(" ", 1)
+        path = run_dir / name
+        if how == "truncate":
+            text = path.read_bytes()
+            path.write_bytes(text[: len(text) - 40])  # the last line cut in half
+        else:
+            path.unlink()
     (run_dir / ".done" / "run.json").unlink()  # even without the run's own marker nothing is appended twice
     again = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet", "--no-eval")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert noticed in again.stderr and "already complete" not in again.stderr
+    for damage, noticed in DAMAGE:
+        assert noticed in again.stderr, (damage, again.stderr[-3000:])
+    assert "already complete" not in again.stderr
     assert _pairs_and_params(run_dir) == _pairs_and_params(reference)
     for t in (1, 2):
         assert (run_dir / f"iter_{t}" / "judgments.jsonl").read_bytes() == \
