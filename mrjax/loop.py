@@ -90,7 +90,7 @@ def check_config(config: Config, dry_run: bool = False) -> dict:
         raise ConfigError(f"model {config.model.name!r} has no tokenizer; the loop needs one (an HF directory or GGUF)")
     needed = pr.held_out + it.iterations * it.prompts_per_iteration
     if pr.source in ("seed", "jsonl"):
-        source = resolve_path(pr.path) if pr.source == "jsonl" else SEED_PROMPTS
+        source = prompt_source_file(pr)
         rows = read_prompt_rows(source)
         fitting, too_long = split_too_long(rows, tokenizer, model_config.max_position_embeddings, config) \
             if tokenizer is not None else (rows, [])
@@ -112,7 +112,7 @@ def check_config(config: Config, dry_run: bool = False) -> dict:
             )
         pinned["prompts.path"] = _pin(source)
     elif pr.source == "self_instruct":
-        source = resolve_path(pr.path) if pr.path else SEED_PROMPTS
+        source = prompt_source_file(pr)
         examples = read_prompts(source)
         if len(examples) < roles.SELF_INSTRUCT_NUM_EXAMPLES:
             raise DataError(f"self-instruct needs at least {roles.SELF_INSTRUCT_NUM_EXAMPLES} example prompts, "
@@ -142,6 +142,14 @@ def check_config(config: Config, dry_run: bool = False) -> dict:
                 pinned[f"eft.{key}"] = _pin(resolve_path(getattr(e, key)))
     facts["pinned_inputs"] = pinned
     return facts
+
+
+def prompt_source_file(prompts) -> Path | None:
+    """The file the prompt pool is read from (seed / jsonl), or self-instruct takes its examples from;
+    None for a TFDS dataset."""
+    if prompts.source == "tfds":
+        return None
+    return resolve_path(prompts.path) if prompts.path and prompts.source != "seed" else SEED_PROMPTS
 
 
 def _pin(path: Path) -> dict:
@@ -440,8 +448,9 @@ class MetaRewardingRun:
 
     # ------------------------------------------------------------------ run
 
-    def run(self) -> LoopResult:
-        facts = check_config(self.config)  # everything a user can get wrong, before anything is written
+    def run(self, checked: dict | None = None) -> LoopResult:
+        """``checked``: what ``check_config`` returned for this config, if the caller already ran it."""
+        facts = dict(checked) if checked is not None else check_config(self.config)  # before anything is written
         self.root.mkdir(parents=True, exist_ok=True)
         with RunLock(self.root, "python -m mrjax.train"):
             self._check_or_write_config(facts.pop("pinned_inputs"))
@@ -453,7 +462,7 @@ class MetaRewardingRun:
         log.info("run %s: %s, %d iterations (%s)", self.root, self.config.mode, T,
                  ", ".join(f"{k}={v}" for k, v in facts.items() if not isinstance(v, (dict, list))))
         pool_files = [self.root / "prompts" / "pool.jsonl", self.root / "prompts" / "held_out.jsonl"]
-        self.stage(self.root, "prompt_pool", self.stage_prompt_pool, inputs=self._prompt_source_files(),
+        self.stage(self.root, "prompt_pool", self.stage_prompt_pool, inputs=[f for f in [prompt_source_file(self.config.prompts)] if f],
                     outputs=pool_files, scratch=[self.root / "prompts" / "self_instruct_shards"])
         if self.config.eft.enabled:
             self.run_eft(self.config.model.name)
@@ -469,12 +478,6 @@ class MetaRewardingRun:
         log.info("summaries: %s and %s", ", ".join(str(self.root / f"iter_{t}" / "summary.json") for t in range(1, T + 1)),
                  self.root / "metrics.jsonl")
         return LoopResult(self.root, final, summaries)
-
-    def _prompt_source_files(self) -> list[Path]:
-        pr = self.config.prompts
-        if pr.source == "jsonl" or (pr.source == "self_instruct" and pr.path):
-            return [resolve_path(pr.path)]
-        return [SEED_PROMPTS] if pr.source in ("seed", "self_instruct") else []
 
     def _check_or_write_config(self, pinned: dict | None = None) -> None:
         """config.yaml records the resolved config and the content of its input files (``pinned_inputs``);
@@ -520,7 +523,7 @@ class MetaRewardingRun:
 
         pr, it = self.config.prompts, self.it
         if pr.source in ("seed", "jsonl"):
-            rows = read_prompt_rows(resolve_path(pr.path) if pr.source == "jsonl" else SEED_PROMPTS)
+            rows = read_prompt_rows(prompt_source_file(pr))
         elif pr.source == "tfds":
             rows = [(f"tfds {pr.tfds_name} example {i}", p)
                     for i, p in enumerate(tfds_prompts(pr.tfds_name, pr.tfds_split, pr.tfds_field))]
@@ -549,7 +552,7 @@ class MetaRewardingRun:
     def _self_instruct(self) -> list[str]:
         """New prompts written by M_0 from 8 examples of the seed pool, filtered and deduplicated."""
         pr, it = self.config.prompts, self.it
-        examples = read_prompts(pr.path) if pr.path else read_prompts(SEED_PROMPTS)
+        examples = read_prompts(prompt_source_file(pr))
         examples = [prompt_question(p) for p in examples]
         needed = pr.held_out + it.iterations * it.prompts_per_iteration
         attempts = int(math.ceil(needed * pr.self_instruct_attempts))
@@ -1082,10 +1085,11 @@ def print_table(summary: dict) -> None:
 
 
 def run_loop(config: Config, progress: bool = True, force_config: bool = False,
-             report: Callable[[Path], dict] | None = None) -> LoopResult:
+             report: Callable[[Path], dict] | None = None, checked: dict | None = None) -> LoopResult:
     """Run (or resume) the Meta-Rewarding / Self-Rewarding loop of ``config`` in ``config.run_dir``;
-    ``report`` (e.g. ``mrjax.eval.write_report``) is called with the run directory after each iteration."""
-    return MetaRewardingRun(config, progress=progress, force_config=force_config, report=report).run()
+    ``report`` (e.g. ``mrjax.eval.write_report``) is called with the run directory after each iteration;
+    ``checked`` is ``check_config(config)``'s result when the caller has it (it is not computed twice)."""
+    return MetaRewardingRun(config, progress=progress, force_config=force_config, report=report).run(checked)
 
 
 __all__ = ["LoopResult", "MetaRewardingRun", "check_config", "config_changes", "format_table", "iteration_summary",

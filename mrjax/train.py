@@ -49,12 +49,12 @@ def run(argv: list[str] | None = None) -> dict:
         from mrjax.eval.report import write_report
         from mrjax.loop import check_config, run_loop
 
-        check_config(config)  # before jax.distributed and any model: bad input fails fast
+        checked = check_config(config)  # before jax.distributed and any model: bad input fails fast
         initialize_distributed()
         # The cheap part of the evaluation (lengths, parse rates, scores, biases) after every iteration,
         # so the report grows while the run goes; python -m mrjax.eval adds win rates and judge quality.
         result = run_loop(config, progress=not args.quiet, force_config=args.force_config,
-                          report=None if args.no_eval else write_report)
+                          report=None if args.no_eval else write_report, checked=checked)
         return {"run_dir": str(result.run_dir), "mode": config.mode, "final_model": str(result.final_model),
                 "already_complete": result.already_complete, "iterations": result.summaries}
     if not config.train.pairs:

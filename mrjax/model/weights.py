@@ -337,10 +337,10 @@ def load_params(
     param_dtype: Any = np.float32,
     progress: bool = True,
 ) -> dict:
-    """Parameters from ``source``, each placed shard by shard with ``shardings`` (same tree)."""
+    """Parameters from ``source``, each placed shard by shard with ``shardings`` (same tree); the caller
+    checks the source first (``check_tensors``, as ``load_pretrained`` does)."""
     from tqdm.auto import tqdm
 
-    check_tensors(config, source)
     table = _layouts(config)
     params: dict = {}
     for path, (name, to_mrjax, _) in tqdm(table.items(), desc=f"loading {Path(source.origin).name}", disable=not progress):
