@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import yaml
 
+from mrjax.sampling import SamplingConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -58,15 +60,6 @@ class MeshSettings:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int = 512
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = off
-    batch_size: int = 32  # prompts*samples decoded together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +265,10 @@ class Config:
     seed: int = 0
     model: ModelSettings = ModelSettings()
     mesh: MeshSettings = MeshSettings()
-    sampling: SamplingSettings = SamplingSettings()
+    # mrjax.sampling's own settings type: batch_size (decode slots) and the settings every role shares
+    # (top_k, min_new_tokens, top_p_candidates); each role sets its own n, seed, temperature, top_p and
+    # max_new_tokens (iteration.*), mode dpo/sft's plan reads max_new_tokens.
+    sampling: SamplingConfig = SamplingConfig()
     train: TrainSettings = TrainSettings()
     dpo: DPOSettings = DPOSettings()
     iteration: IterationSettings = IterationSettings()
@@ -382,7 +378,6 @@ __all__ = [
     "MeshSettings",
     "ModelSettings",
     "PromptSettings",
-    "SamplingSettings",
     "TrainSettings",
     "from_dict",
     "load_config",

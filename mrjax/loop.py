@@ -352,7 +352,7 @@ class MetaRewardingRun:
         file; existing shards are reused. Returns per prompt a list of {"text", "tokens",
         "finish_reason"[, "value"]}. ``score(model, tokenizer, shard prompts, texts)`` adds a
         per-sample "value" (expected modes)."""
-        from mrjax.sampling import SamplingConfig, generate
+        from mrjax.sampling import generate
 
         size = shard_prompts or self.it.shard_size
         shards = math.ceil(len(prompts) / size)
@@ -371,9 +371,9 @@ class MetaRewardingRun:
                     rows = None
                 if rows is None:
                     model, tokenizer = self.model(source), self._tokenizer
-                    sampling = SamplingConfig(
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-                        seed=_seed(self.config.seed, *seed_parts, j), batch_size=self.config.sampling.batch_size,
+                    sampling = dataclasses.replace(
+                        self.config.sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        n=n, seed=_seed(self.config.seed, *seed_parts, j),
                     )
                     result = generate(model, tokenizer, list(chunk), sampling, progress=False)
                     texts = [[t.strip() for t in per] for per in result.texts]

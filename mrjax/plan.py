@@ -7,6 +7,7 @@ parameter count and the bytes of parameters and optimizer state per device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
@@ -289,29 +290,32 @@ def _decode_plan(config: Config, c, mesh, dtype, param_dtype, params) -> dict[st
 
     from mrjax.mesh import batch_ways, named_sharding
     from mrjax.model.llama import Llama
-    from mrjax.sampling import KV_CACHE_AXES, KVCache, Settings, compiled_programs, prompt_bucket
+    from mrjax.model.llama import KV_CACHE_AXES, KVCache
+    from mrjax.sampling import engine, prompt_bucket
+    from mrjax.sampling.sample import SampleParams
 
     module = Llama(c, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-    programs = compiled_programs(module, mesh, dtype)
     slots, prompt, new = _sampling_shapes(config)
     ways = batch_ways(mesh)
     slots = -(-slots // ways) * ways
-    def placed(program, *args):  # a program's outputs as ShapeDtypeStructs with the shardings it gives them
-        compiled = program.lower(*args).compile()
+    def placed(program, *args, **static):  # a program's outputs as ShapeDtypeStructs with the shardings it gives them
+        compiled = program.lower(module, *args, **static).compile()
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(program, *args), compiled.output_shardings)
+                            jax.eval_shape(functools.partial(program, module, **static), *args),
+                            compiled.output_shardings)
 
-    weights = placed(programs.prepare, params)
-    pool = placed(programs.empty, slots, prompt, prompt + new, new)
+    weights = placed(engine.prepare, params)
+    pool = placed(engine.empty_pool, rows=slots, prompt_slots=prompt, cache_slots=prompt + new, new_capacity=new)
     cb = prompt_bucket(1)
     prefix_shape = (c.num_layers, ways, cb, c.num_kv_heads, c.head_dim)
     prefix_sharding = named_sharding(mesh, KV_CACHE_AXES, prefix_shape)
     prefix = KVCache(*(jax.ShapeDtypeStruct(prefix_shape, dtype, sharding=prefix_sharding) for _ in range(2)))
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
-    settings = Settings(scalar(jnp.uint32), scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
-                        scalar(jnp.float32), scalar(jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-    compiled = programs.decode.lower(weights, prefix, jax.ShapeDtypeStruct((cb,), bool), pool, settings,
-                                     scalar(jnp.int32), greedy=False, candidates=0).compile()
+    sample_params = SampleParams(seed=scalar(jnp.uint32), max_new=scalar(jnp.int32), min_new=scalar(jnp.int32),
+                                 temperature=scalar(jnp.float32), top_p=scalar(jnp.float32), top_k=scalar(jnp.int32),
+                                 stop_ids=jax.ShapeDtypeStruct((1,), jnp.int32))
+    compiled = engine.decode.lower(module, weights, prefix, jax.ShapeDtypeStruct((cb,), bool), pool, sample_params,
+                                   scalar(jnp.int32), greedy=False, candidates=0).compile()
     memory = _memory(compiled)
     cache = pool.caches
     return {

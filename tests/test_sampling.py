@@ -19,8 +19,6 @@ from mrjax.sampling import (
     SamplingError,
     generate,
     generate_ids,
-    Programs,
-    programs_for,
     prompt_bucket,
     sample_logits,
 )
@@ -138,13 +136,12 @@ def test_continuous_batching_gives_the_tokens_of_static_batches(smol, monkeypatc
     as rows end) gives the same tokens, stops and log-probs, because each row's randomness
     depends on (seed, prompt, sample, step) only. (On the real model: a random one's
     near-uniform distributions let float32 rounding of a different batch shape pick another token.)"""
-    from mrjax import sampling
+    from mrjax.sampling import engine
 
     model, tok = smol
-    programs = sampling.programs_for(model)
+    compact = engine.compact
     shrunk = []
-    monkeypatch.setattr(sampling, "programs_for", lambda m: programs._replace(
-        compact=lambda pool, keep: shrunk.append(len(keep)) or programs.compact(pool, keep)))
+    monkeypatch.setattr(engine, "compact", lambda module, pool, keep: shrunk.append(len(keep)) or compact(module, pool, keep))
     prompts = [tok.encode(tok.chat(p)) for p in
                ("Tell me a story.", "Why?", "Write a list of ten animals and say which one is largest.", "Hm", "One two three four five six seven eight.")]
     config = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, n=2, seed=5, stop_ids=(tok.pad_id,),
@@ -178,7 +175,8 @@ def test_shared_prefix_prefill_gives_the_logits_of_a_full_prefill(tiny):
     prompts = [tok.encode(tok.chat(question + tail)) for tail in ("Short.", "A longer answer, with more words in it.", "x")]
     C = shared_prefix_length(prompts)
     assert C > 30 and all(p[:C] == prompts[0][:C] for p in prompts) and len({p[C] for p in prompts}) > 1
-    programs = programs_for(model)
+    from mrjax.sampling import engine
+
     longest = max(map(len, prompts))
     P, S = prompt_bucket(longest), prompt_bucket(max(len(p) - C for p in prompts))
     tokens, positions, mask = (np.zeros((3, P), np.int32), np.zeros((3, P), np.int32), np.zeros((3, P), bool))
@@ -187,12 +185,12 @@ def test_shared_prefix_prefill_gives_the_logits_of_a_full_prefill(tiny):
         tokens[j, P - len(ids):], positions[j, P - len(ids):], mask[j, P - len(ids):] = ids, np.arange(len(ids)), True
         n = len(ids) - C
         rest[0][j, S - n:], rest[1][j, S - n:], rest[2][j, S - n:] = ids[C:], np.arange(C, len(ids)), True
-    full_hidden, full_cache = programs.prefill(model.params, tokens, positions, mask)
+    full_hidden, full_cache = engine.prefill(model.module, model.params, tokens, positions, mask)
     Cb = prompt_bucket(C)
     prefix_tokens, prefix_positions, prefix_mask = np.zeros((1, Cb), np.int32), np.zeros((1, Cb), np.int32), np.zeros((1, Cb), bool)
     prefix_tokens[0, Cb - C:], prefix_positions[0, Cb - C:], prefix_mask[0, Cb - C:] = prompts[0][:C], np.arange(C), True
-    _, prefix = programs.prefill(model.params, prefix_tokens, prefix_positions, prefix_mask)
-    hidden, cache = programs.prefill_after(model.params, prefix, prefix_mask[0], *rest)
+    _, prefix = engine.prefill(model.module, model.params, prefix_tokens, prefix_positions, prefix_mask)
+    hidden, cache = engine.prefill_after(model.module, model.params, prefix, prefix_mask[0], *rest)
     from mrjax.model.llama import unembedding
 
     logits = lambda h: np.asarray(h, np.float64) @ np.asarray(unembedding(model.params, model.config), np.float64)
@@ -401,8 +399,9 @@ def test_compilations_are_bounded_by_the_buckets(tiny):
     # A token that rows make mid-way becomes the end-of-turn id, so rows end at assorted steps.
     made = np.bincount(np.concatenate([np.asarray(t[0][5:]) for t in free.token_ids]))
     config = dataclasses.replace(config, stop_ids=(int(np.argmax(made)),))
-    programs = programs_for(model)
-    cached = lambda: sum(getattr(programs, name)._cache_size() for name in Programs._fields)
+    from mrjax.sampling.engine import PROGRAMS
+
+    cached = lambda: sum(program._cache_size() for program in PROGRAMS.values())
     before = cached()
     compiles = []
 
@@ -456,11 +455,15 @@ def test_bad_input_is_a_clear_error(tiny):
             SamplingConfig(**bad)
 
 
-def test_config_from_settings():
-    from mrjax.config import SamplingSettings
+def test_the_run_configs_sampling_section_is_a_sampling_config():
+    """One settings type: the YAML section loads as the SamplingConfig that generate takes, and its
+    checks are SamplingConfig's."""
+    from mrjax.config import load_config
 
-    cfg = SamplingConfig.from_settings(SamplingSettings(), n=7, seed=1)
-    assert (cfg.temperature, cfg.top_p, cfg.n, cfg.seed, cfg.batch_size) == (0.8, 0.95, 7, 1, 32)
+    cfg = load_config(None, ["sampling.batch_size=8", "sampling.top_k=5"])
+    assert type(cfg.sampling) is SamplingConfig and (cfg.sampling.batch_size, cfg.sampling.top_k) == (8, 5)
+    with pytest.raises(SamplingError, match="top_p"):
+        load_config(None, ["sampling.top_p=1.5"])
 
 
 def test_benchmark_runs_and_reports(tiny):
@@ -515,20 +518,20 @@ def test_group_prefixes_give_the_tokens_of_prompt_by_prompt_prefill(smol, monkey
     """Meta-judge prompts of two responses (each group sharing its question, response and rubric
     beyond the call's prefix) prefill each group's prefix once; the sampled tokens and log-probs
     equal those of prefilling every prompt's rest on its own."""
-    from mrjax import sampling
+    from mrjax.sampling import scheduler
     from mrjax.benchmarks.workload import workload_roles
 
     model, tok = smol
     meta = workload_roles(0.125)[2].prompts
     prompts = [tok.encode(tok.chat(p)) for p in meta[:3] + meta[12:15] + ["Why is the sky blue?"]]
-    C = sampling.shared_prefix_length(prompts)
-    group, length = sampling.prefix_groups([p[C:] for p in prompts])
+    C = scheduler.shared_prefix_length(prompts)
+    group, length = scheduler.prefix_groups([p[C:] for p in prompts])
     assert len({group[i] for i in range(3)}) == 1 and len({group[i] for i in range(3, 6)}) == 1
-    assert group[0] != group[3] and min(length[:6]) >= sampling.MIN_GROUP_PREFIX and length[6] == 0
+    assert group[0] != group[3] and min(length[:6]) >= scheduler.MIN_GROUP_PREFIX and length[6] == 0
     config = SamplingConfig(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=1, stop_ids=tuple(tok.eos_ids),
                             batch_size=4)
     grouped = generate_ids(model, prompts, config)
-    monkeypatch.setattr(sampling, "prefix_groups", lambda s, **_: (list(range(len(s))), [0] * len(s)))
+    monkeypatch.setattr(scheduler, "prefix_groups", lambda s, **_: (list(range(len(s))), [0] * len(s)))
     alone = generate_ids(model, prompts, config)
     assert grouped.token_ids == alone.token_ids
     for got, want in zip(grouped.logprobs, alone.logprobs):
@@ -539,10 +542,10 @@ def test_prefill_chunks_split_prompts_of_unlike_lengths():
     """Hand-worked: 12 prompts of 176..259 tokens prefill as 8 rows x 224 and 4 x 320 (3,584
     padded positions with two calls' cost) rather than 12 x 320 (4,096 with one) or 12 x 256 and
     1 x 320 (3,904); 4 short and 4 long ones split in two runs; runs cover every prompt once, in order."""
-    from mrjax.sampling import PREFILL_CALL_COST, _row_bucket, prefill_chunks
+    from mrjax.sampling.scheduler import PREFILL_CALL_COST, prefill_chunks, row_bucket
 
-    assert [_row_bucket(n, 1) for n in (1, 3, 5, 7, 9, 12, 13, 17, 25, 33)] == [1, 3, 6, 8, 12, 12, 16, 24, 32, 48]
-    assert _row_bucket(9, 8) == 16 and _row_bucket(17, 8) == 24
+    assert [row_bucket(n, 1) for n in (1, 3, 5, 7, 9, 12, 13, 17, 25, 33)] == [1, 3, 6, 8, 12, 12, 16, 24, 32, 48]
+    assert row_bucket(9, 8) == 16 and row_bucket(17, 8) == 24
     meta = [176, 184, 198, 202, 203, 207, 216, 218, 225, 227, 229, 259]
     assert prefill_chunks(meta, 1) == [(0, 8), (8, 12)]
     split = 8 * prompt_bucket(207) + 4 * prompt_bucket(259) + 2 * PREFILL_CALL_COST
@@ -557,11 +560,11 @@ def test_prefill_chunks_split_prompts_of_unlike_lengths():
 def test_packed_slots_keep_only_real_tokens():
     """Hand-worked: a group prefix's 3 kept slots (2 real) and a row's own bucket of 5 (3 real,
     left-padded) take the last 5 of 8 prompt slots; the rest read a real slot and are masked."""
-    from mrjax.sampling import _packed_slots
+    from mrjax.sampling.scheduler import packed_slots
 
     mask = np.array([[False, True, True, False, False, True, True, True],
                      [False, True, True, False, False, False, False, True]])
-    packing, packed = _packed_slots(mask, 6)
+    packing, packed = packed_slots(mask, 6)
     np.testing.assert_array_equal(packing, [[1, 1, 2, 5, 6, 7], [1, 1, 1, 1, 2, 7]])
     np.testing.assert_array_equal(packed, [[False, True, True, True, True, True],
                                            [False, False, False, True, True, True]])
