@@ -151,11 +151,15 @@ class IterationSettings:
     meta_judge_verdict: str = "parse"
     drop_empty_responses: bool = True  # whitespace-only responses are dropped (counted) like duplicates
     shard_size: int = 64  # prompts (actor), responses (judge), selected responses (meta-judge) per shard
+    # Share of an iteration's prompts whose DPO pairs (actor and judge pairs together) are held out of
+    # training and scored before and after it; 0 = train on every pair (mrjax.loop.held_out_split).
+    dpo_held_out: float = 0.15
 
     def __post_init__(self):
         for name in ("iterations", "prompts_per_iteration", "responses_per_prompt", "judgments_per_response",
                      "actor_max_new_tokens", "judge_max_new_tokens", "meta_judge_max_new_tokens", "shard_size"):
             _check(getattr(self, name) >= 1, f"iteration.{name}", f"must be at least 1, got {getattr(self, name)}")
+        _check(0 <= self.dpo_held_out < 1, "iteration.dpo_held_out", f"must be in [0, 1), got {self.dpo_held_out}")
         _check(self.responses_per_prompt >= 2, "iteration.responses_per_prompt",
                f"must be at least 2 (a pair needs two responses), got {self.responses_per_prompt}")
         for name in ("actor_temperature", "judge_temperature", "meta_judge_temperature"):

@@ -15,7 +15,8 @@ reuses the shards that exist, so a kill loses at most one shard. Sampling seeds 
 function of (seed, iteration, role, shard) only, and DPO resumes from its orbax
 checkpoints exactly, so a killed and resumed run ends with the same files and parameters
 as one that never stopped. M_t is always read back from ``iter_t/hf`` (float32
-safetensors, bit-exact), whichever way the run got there.
+safetensors, bit-exact), whichever way the run got there, so a training stage's
+checkpoints are deleted once its export is marked complete.
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ SCORE_SUFFIX = "Score: "
 WINNER_SUFFIX = "Winner: Judgement"
 # config.yaml's record of the input files' content (path and sha256), beside the resolved config.
 PINNED_KEY = "pinned_inputs"
+# iter_t/train/: the iteration's DPO pairs kept out of training (scored before and after it).
+HELD_OUT_PAIRS = "held_out_pairs.jsonl"
+# Fewer pairs than this and nothing is held out (a handful of pairs measures nothing and trains little).
+MIN_PAIRS_TO_HOLD_OUT = 5
 
 
 # ----------------------------------------------------------------------------- checks
@@ -248,6 +253,8 @@ class MetaRewardingRun:
         self._mesh = None
         self.skipped: list[str] = []  # stages found complete (what a resumed run did not redo)
         self.ran: list[str] = []  # stages run (or redone) by this call
+        # Called with (hf_dir, the trainer's TrainResult) after each training run, before its export (tests).
+        self.on_trained: Callable[[Path, Any], None] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -369,13 +376,26 @@ class MetaRewardingRun:
                     # Written with another shard size (e.g. by an older mrjax): it does not cover this chunk.
                     log.warning("%s holds other rows than shard %d of %s: generating it again", path, j, role)
                     rows = None
-                if rows is None:
+                if rows is not None:
+                    bar.update(len(chunk) * n)  # a shard already on disk
+                else:
                     model, tokenizer = self.model(source), self._tokenizer
                     sampling = dataclasses.replace(
                         self.config.sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         n=n, seed=_seed(self.config.seed, *seed_parts, j),
                     )
-                    result = generate(model, tokenizer, list(chunk), sampling, progress=False)
+                    made = [0, 0]  # rows, tokens so far in this shard (the bar moves inside generate)
+
+                    def rows_done(finished: int, tokens: int) -> None:
+                        made[0] += finished
+                        made[1] += tokens
+                        bar.update(finished)
+                        elapsed = time.perf_counter() - t0
+                        so_far = tokens_made + made[1]
+                        bar.set_postfix(tokens=so_far, tok_s=f"{so_far / max(elapsed, 1e-9):.0f}", refresh=False)
+
+                    result = generate(model, tokenizer, list(chunk), sampling, progress=False, rows_done=rows_done)
+                    bar.update(len(chunk) * n - made[0])
                     texts = [[t.strip() for t in per] for per in result.texts]
                     values = score(model, tokenizer, list(chunk), texts) if score is not None else None
                     rows = []
@@ -393,7 +413,6 @@ class MetaRewardingRun:
                 for row in rows:
                     per_prompt[row["i"] - j * size][row["s"]] = row
                 out.extend(per_prompt)
-                bar.update(len(chunk) * n)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(tokens=tokens_made, tok_s=f"{tokens_made / max(elapsed, 1e-9):.0f}", refresh=False)
         finally:
@@ -594,6 +613,7 @@ class MetaRewardingRun:
         self.stage(where, "train", lambda: self.stage_eft_train(base, where),
                     inputs=lambda: train_files + self._model_files(base),
                     outputs=[where / "sft_rows.jsonl", where / "hf"], scratch=[where / "train"])
+        self._drop_checkpoints(where / "train")
         self.stage(where, "parse_after", lambda: self.parse_rates(where / "hf", where / "parse_after", "after"),
                     inputs=lambda: eval_files + [where / "hf"], scratch=[where / "parse_after"])
         markers = [where / ".done" / f"{name}.json" for name in ("parse_before", "train", "parse_after")]
@@ -696,7 +716,8 @@ class MetaRewardingRun:
                   read("prompts", "responses", "judgments", "meta_judgments"), read("judge_pairs"))
             stages += ["meta_judgments", "judge_pairs"]
         stage("train", lambda: self.stage_train(t, where, source), lambda: read("actor_pairs", "judge_pairs") + model(),
-              [where / "train" / "pairs.jsonl", where / "hf"], [where / "train"])
+              [where / "train" / "pairs.jsonl", where / "train" / HELD_OUT_PAIRS, where / "hf"], [where / "train"])
+        self._drop_checkpoints(where / "train")
         stages.append("train")
         ran_before = len(self.ran)
         summary = self._stage_summary(t, where, judge_training, [files[n] for n in stages if n in files] +
@@ -896,55 +917,100 @@ class MetaRewardingRun:
     # ------------------------------------------------------------------ step 6: DPO
 
     def stage_train(self, t: int, where: Path, source) -> dict:
-        rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                for name in ("actor_pairs", "judge_pairs") if (where / f"{name}.jsonl").is_file()
+        rows = [r for name in ("actor_pairs", "judge_pairs") if (where / f"{name}.jsonl").is_file()
                 for r in jsonl_objects(where / f"{name}.jsonl")]
         train_dir = where / "train"
         if not rows:
             log.warning("iteration %d built no pairs: M_%d = M_%d", t, t, t - 1)
             self._export(self.model(source), where / "hf")
             return {"pairs": 0, "steps": 0}
-        path = write_jsonl(train_dir / "pairs.jsonl", rows)
-        return self._train(self.config, "dpo", source, path, train_dir, where / "hf")
+        trained, held = held_out_split(rows, self.it.dpo_held_out, self.config.seed, t)
+        pair = lambda r: {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}  # noqa: E731
+        # Both files before training, so the split is part of the stage's recorded outputs (and of a resumed run's).
+        write_jsonl(train_dir / HELD_OUT_PAIRS, [pair(rows[i]) for i in held])
+        path = write_jsonl(train_dir / "pairs.jsonl", [pair(rows[i]) for i in trained])
+        return self._train(self.config, "dpo", source, path, train_dir, where / "hf",
+                           held_out=train_dir / HELD_OUT_PAIRS if held else None)
 
-    def _train(self, config: Config, kind: str, source, path: Path, train_dir: Path, hf_dir: Path) -> dict:
-        """Train the model at ``source`` on ``path`` (kind dpo|sft; resumes from train_dir's checkpoints),
-        export it to ``hf_dir``; the reference of DPO is the model at ``source``."""
-        from mrjax.data import file_fingerprint
-        from mrjax.trainer import Trainer
-
-        model, tokenizer = self.model(source), self._tokenizer
-        self._drop_model()  # the trainer consumes its parameters
-        barrier(f"rows {path}")  # written by process 0 just before
+    def _examples(self, path: Path, kind: str, max_length: int, required: bool = True):
+        """(tokenised rows of ``path``, how many were left out for a prompt too long for ``max_length``);
+        with none left: an error, or (None, dropped) when the rows are not ``required``."""
+        tokenizer = self._tokenizer
         rows = read_jsonl(path)
-        room = config.train.max_length - 8
+        room = max_length - 8
         kept = [(n, r) for n, r in rows if len(tokenizer.encode(tokenizer.chat(r["prompt"]))) <= room]
         dropped = len(rows) - len(kept)
         if dropped:
             log.warning("%s: %d rows have prompts longer than train.max_length - 8 = %d tokens and are left out",
                         path, dropped, room)
+        if not kept and not required:
+            return None, dropped
         if not kept:
-            raise DataError(f"{path}: every row's prompt is longer than train.max_length={config.train.max_length}")
-        examples = tokenize_rows([(n, {"prompt": r["prompt"], **{f: r[f] for f in
-                                                                 (("chosen", "rejected") if kind == "dpo" else
-                                                                  ("completion",))}})
-                                  for n, r in kept], tokenizer, kind, config.train.max_length, str(path),
-                                 file_fingerprint(path))
+            raise DataError(f"{path}: every row's prompt is longer than train.max_length={max_length}")
+        fields = ("chosen", "rejected") if kind == "dpo" else ("completion",)
+        examples = tokenize_rows([(n, {"prompt": r["prompt"], **{f: r[f] for f in fields}}) for n, r in kept],
+                                 tokenizer, kind, max_length, str(path), file_fingerprint(path))
+        return examples, dropped
+
+    def _train(self, config: Config, kind: str, source, path: Path, train_dir: Path, hf_dir: Path,
+               held_out: Path | None = None) -> dict:
+        """Train the model at ``source`` on ``path`` (kind dpo|sft; resumes from train_dir's checkpoints),
+        export it to ``hf_dir``; the reference of DPO is the model at ``source``. DPO pairs ``held_out``
+        (never trained on) are scored before and after training, the trained pairs after it."""
+        from mrjax.trainer import Trainer
+
+        model = self.model(source)
+        self._drop_model()  # the trainer consumes its parameters
+        barrier(f"rows {path}")  # written by process 0 just before
+        examples, dropped = self._examples(path, kind, config.train.max_length)
+        held = None
+        if held_out is not None:
+            held, held_dropped = self._examples(held_out, kind, config.train.max_length, required=False)
+            dropped += held_dropped
         callbacks = [lambda done, metrics, idx: faults.point(f"{kind}:step{done}")]
-        trainer = Trainer(config, model, tokenizer, kind=kind, run_dir=train_dir, progress=self.progress,
+        trainer = Trainer(config, model, self._tokenizer, kind=kind, run_dir=train_dir, progress=self.progress,
                           callbacks=callbacks, donate_model=True)
-        result = trainer.train(examples)
+        figures: dict[str, Any] = {}
+        seed = self.config.seed
+        if held is not None:
+            held = trainer.attach_reference(held, "eval")
+            # The policy before training is the reference itself: a DPO (sigmoid) loss of ln 2, margins 0.
+            figures["held_out_before"] = dpo_figures(trainer.pair_metrics(held), seed)
+        result = trainer.train(examples, held)
+        if self.on_trained is not None:
+            self.on_trained(hf_dir, result)
+        if held is not None:
+            figures["held_out_after"] = dpo_figures(result.eval_pair_metrics, seed)
+        if kind == "dpo":  # one forward pass over the trained pairs (as long as their reference log-probs took)
+            figures["train_after"] = dpo_figures(trainer.pair_metrics(examples, result.model.params), seed)
         self._export(result.model, hf_dir)
         metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         metrics = [m for m in metrics if "loss" in m]
         info: dict[str, Any] = {"pairs" if kind == "dpo" else "rows": len(examples), "dropped_too_long": dropped,
                                 "steps": result.step}
+        if kind == "dpo":
+            info["held_out_pairs"] = len(held) if held is not None else 0
         for key in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm"):
             values = [m[key] for m in metrics if key in m]
             if values:
                 info[f"{key}_mean"] = float(np.mean(values))
                 info[f"{key}_last"] = float(values[-1])
+        info.update(figures)
         return info
+
+    def _drop_checkpoints(self, train_dir: Path) -> None:
+        """Delete a finished training run's orbax checkpoints (parameters and optimizer state: 1.6 GB for
+        SmolLM2) once its stage marker is durable. Nothing reads them after that: a later stage or a
+        resumed run reads the trained model from the stage's hf/ export, and a stage redone for a damaged
+        output trains again from its kept inputs (deterministic, so to the same bytes). Kept in
+        ``train_dir``: pairs.jsonl, held_out_pairs.jsonl, reference_logps.npz, metrics.jsonl, tensorboard/.
+        The folder is renamed first, so a kill mid-delete never leaves a partial checkpoint to resume from."""
+        if is_main_process():
+            checkpoints, doomed = train_dir / "checkpoints", train_dir / "checkpoints.deleting"
+            if checkpoints.is_dir():
+                shutil.rmtree(doomed, ignore_errors=True)
+                checkpoints.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def _export(self, model, hf_dir: Path) -> None:
         """Write M_t as an HF directory atomically (a temporary folder renamed when complete)."""
@@ -991,6 +1057,39 @@ def prompt_is_sane(text: str, settings) -> bool:
     return letters / len(text) >= settings.min_letter_fraction and "<task" not in text.lower()
 
 
+def held_out_split(rows: Sequence[dict], fraction: float, seed: int, iteration: int) -> tuple[list[int], list[int]]:
+    """(indices trained on, indices held out) of an iteration's DPO pairs (actor and judge pairs together).
+
+    Pairs are held out by prompt: all pairs of a held-out prompt (its actor pair and its judge pair) go
+    together, so no held-out pair shares a question with a trained one. round(fraction x prompts) prompts
+    are drawn by a seeded permutation over the prompts in order of first appearance; at least one once
+    the iteration has MIN_PAIRS_TO_HOLD_OUT pairs, never all of them, none below that. The split is a
+    function of (seed, iteration, the rows' prompt ids and their order) only."""
+    groups = list(dict.fromkeys(r["prompt_id"] for r in rows))
+    if fraction <= 0 or len(rows) < MIN_PAIRS_TO_HOLD_OUT or len(groups) < 2:
+        return list(range(len(rows))), []
+    count = min(max(1, math.floor(fraction * len(groups) + 0.5)), len(groups) - 1)
+    drawn = np.random.default_rng(_seed(seed, "dpo_held_out", iteration)).permutation(len(groups))[:count]
+    held_ids = {groups[int(i)] for i in drawn}
+    held = [i for i, r in enumerate(rows) if r["prompt_id"] in held_ids]
+    return [i for i in range(len(rows)) if rows[i]["prompt_id"] not in held_ids], held
+
+
+def dpo_figures(per_pair: dict[str, np.ndarray], seed: int) -> dict:
+    """Mean DPO loss, reward accuracy (chosen reward above the rejected one; a tie counts 0.5) and reward
+    margin of a set of pairs, each with its 95% percentile-bootstrap interval over the pairs."""
+    from mrjax.stats import bootstrap_mean_interval
+
+    margins = np.asarray(per_pair["rewards/margins"], np.float64)
+    values = {"loss": np.asarray(per_pair["loss"], np.float64), "accuracy": (margins > 0) + 0.5 * (margins == 0),
+              "margin": margins}
+    out: dict[str, Any] = {"pairs": int(margins.size)}
+    for name, v in values.items():
+        low, high = bootstrap_mean_interval(v, seed=seed)
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = float(np.mean(v)), low, high
+    return out
+
+
 def _count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
 
@@ -1023,6 +1122,11 @@ def iteration_summary(t: int, where: Path, judge_training: bool) -> dict:
         "dpo_loss": done["train"].get("loss_mean"),
         "dpo_accuracy": done["train"].get("rewards/accuracies_mean"),
         "dpo_margin": done["train"].get("rewards/margins_mean"),
+        # Pairs never trained on, scored by M_{t-1} and M_t; the trained pairs scored by M_t (dpo_figures).
+        "dpo_held_out_pairs": done["train"].get("held_out_pairs", 0),
+        "dpo_held_out_before": done["train"].get("held_out_before"),
+        "dpo_held_out_after": done["train"].get("held_out_after"),
+        "dpo_train_after": done["train"].get("train_after"),
         "generated_tokens": sum(done[s].get("tokens", 0) for s in ("responses", "judgments", "meta_judgments")
                                 if s in done),
         "wall_s": {name: info["wall_s"] for name, info in sorted(done.items()) if name != "summary"},
@@ -1031,8 +1135,13 @@ def iteration_summary(t: int, where: Path, judge_training: bool) -> dict:
 
 
 def _flat(summary: dict) -> dict:
-    out = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-    out.update({f"wall_s/{k}": v for k, v in summary["wall_s"].items()})
+    """One level: a nested dict's figures as "name/figure" (wall_s/judgments, dpo_held_out_after/accuracy)."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
     return out
 
 
@@ -1069,11 +1178,24 @@ TABLE_ROWS = (
 )
 
 
+def _interval(figures: dict, name: str) -> str:
+    return f"{_fmt(figures[name])} [{_fmt(figures[name + '_low'])}, {_fmt(figures[name + '_high'])}]"
+
+
 def format_table(summary: dict) -> str:
     lines = [f"iteration {summary['iteration']}"]
     for label, key in TABLE_ROWS:
         value = (f"{_fmt(summary['omega1'])} / {_fmt(summary['omega2'])}" if key is None else _fmt(summary[key]))
         lines.append(f"  {label:<24}{value}")
+    before, after = summary.get("dpo_held_out_before"), summary.get("dpo_held_out_after")
+    if before and after:
+        lines.append(f"  {'held-out DPO pairs':<24}{summary['dpo_held_out_pairs']} (before -> after [95% interval])")
+        for name in ("loss", "accuracy", "margin"):
+            lines.append(f"  {'held-out ' + name:<24}{_fmt(before[name])} -> {_interval(after, name)}")
+    trained = summary.get("dpo_train_after")
+    if trained:
+        lines.append(f"  {'trained pairs, after':<24}" + ", ".join(f"{name} {_interval(trained, name)}"
+                                                                  for name in ("loss", "accuracy", "margin")))
     lines.append("  wall time (s)           " + ", ".join(f"{k} {v:.1f}" for k, v in summary["wall_s"].items()))
     return "\n".join(lines)
 

@@ -190,15 +190,18 @@ def sequence_logps(
 
 
 def lr_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine") -> optax.Schedule:
-    """Linear warmup 0 → peak over ``warmup_steps``, then cosine or linear decay to 0 at ``total_steps``.
+    """Linear warmup to ``peak``, then cosine or linear decay towards 0 at ``total_steps``.
 
-    Step s (0-based) uses lr(s), as HF's get_{cosine,linear}_schedule_with_warmup.
+    Step s (0-based) of the W = ``warmup_steps`` warmup steps uses peak·(s+1)/(W+1): every step
+    learns (HF's get_{cosine,linear}_schedule_with_warmup gives step 0 a rate of 0, which wastes
+    one of a short DPO run's few steps), and the ramp rises in equal parts to peak at step W.
+    From step W on it is HF's: peak·decay((s−W)/(total−W)), decay = ½(1+cos πx) or 1−x.
     """
     warmup_steps, total_steps = int(warmup_steps), max(int(total_steps), 1)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = step / max(warmup_steps, 1)
+        warm = (step + 1) / (warmup_steps + 1)
         progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
         if kind == "cosine":
             decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))

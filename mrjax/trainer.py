@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -49,6 +50,7 @@ class TrainResult:
     metrics: dict[str, float]  # the last step's training metrics
     eval_metrics: dict[str, float]
     run_dir: Path
+    eval_pair_metrics: dict[str, np.ndarray] | None = None  # DPO: the DPO_METRICS of each eval pair, after training
 
 
 class Trainer:
@@ -137,16 +139,22 @@ class Trainer:
 
     def evaluate(self, examples: Examples, params: dict | None = None) -> dict[str, float]:
         """Held-out metrics: DPO → the DPO metrics over all pairs; SFT → mean token NLL (``loss``)."""
+        if self.kind == "dpo":
+            return _means(self.pair_metrics(examples, params))
         sums, counts = self.sequence_logps(examples, params)
-        if self.kind == "sft":
-            nll = -float(sums.sum()) / max(float(counts.sum()), 1.0)
-            return {"loss": nll, "num_tokens": float(counts.sum())}
+        nll = -float(sums.sum()) / max(float(counts.sum()), 1.0)
+        return {"loss": nll, "num_tokens": float(counts.sum())}
+
+    def pair_metrics(self, examples: Examples, params: dict | None = None) -> dict[str, np.ndarray]:
+        """The ``DPO_METRICS`` of every pair [n] (default params: the model's), against the pairs'
+        reference log-probs; per pair, so callers can resample them."""
         if examples.ref_logps is None:
-            raise ValueError("evaluate: DPO examples need reference log-probs (Trainer.attach_reference)")
+            raise ValueError("pair_metrics: DPO examples need reference log-probs (Trainer.attach_reference)")
+        sums, counts = self.sequence_logps(examples, params)
         losses, cr, rr = ts.dpo_pair_terms(jnp.asarray(sums), jnp.asarray(counts), jnp.asarray(examples.ref_logps),
                                            self.dpo)
         per_pair = ts.dpo_pair_metrics(losses, cr, rr, sums[:, 0], sums[:, 1])
-        return ts.numpy_metrics({name: jnp.mean(value) for name, value in per_pair.items()})
+        return {name: np.asarray(value) for name, value in per_pair.items()}
 
     # ------------------------------------------------------------ training
 
@@ -225,19 +233,25 @@ class Trainer:
                 if self.donate_model:
                     self.model.params = None
                 start = 0
-            writer = _MetricsWriter(self.run_dir, start)
+            # A finished run resumed (killed after its last checkpoint) evaluates again: its old final eval line goes.
+            writer = _MetricsWriter(self.run_dir, start, drop_final_eval=start == total)
             state, last_metrics = self._loop(state, step_fn, batcher, start, total, checkpointer, writer, run_meta,
                                              eval_examples)
-            eval_metrics = {}
+            eval_metrics, eval_pairs = {}, None
             if eval_examples is not None:
-                eval_metrics = self.evaluate(eval_examples, state.params)
+                if self.kind == "dpo":
+                    eval_pairs = self.pair_metrics(eval_examples, state.params)
+                    eval_metrics = _means(eval_pairs)
+                else:
+                    eval_metrics = self.evaluate(eval_examples, state.params)
                 writer.write(total, {f"eval/{k}": v for k, v in eval_metrics.items()})
         finally:
             checkpointer.close()
             if writer is not None:
                 writer.close()
 
-        return TrainResult(self.model.with_params(state.params), total, last_metrics, eval_metrics, self.run_dir)
+        return TrainResult(self.model.with_params(state.params), total, last_metrics, eval_metrics, self.run_dir,
+                           eval_pairs)
 
     def _release_model(self) -> None:
         for x in jax.tree.leaves(self.model.params):
@@ -289,6 +303,10 @@ class Trainer:
         return state, last_metrics
 
 
+def _means(per_pair: dict[str, np.ndarray]) -> dict[str, float]:
+    return ts.numpy_metrics({name: jnp.mean(jnp.asarray(value)) for name, value in per_pair.items()})
+
+
 def _params_fingerprint(params: dict) -> str:
     """A cheap identity of a model's weights (one reduction per tensor), so cached reference
     log-probs are never reused for a different reference model."""
@@ -337,7 +355,7 @@ def _write_config_snapshot(run_dir: Path, config: Config) -> None:
 class _MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard scalars under ``tensorboard/``."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, drop_final_eval: bool = False):
         from tensorboardX import SummaryWriter
 
         self.enabled = is_main_process()  # the other processes of a multi-process job log nothing
@@ -345,10 +363,17 @@ class _MetricsWriter:
             return
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
-            # Drop what a killed run logged after the checkpoint it resumes from.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Drop what a killed run logged after the checkpoint it resumes from (and the final eval, redone).
+            def kept(entry: dict) -> bool:
+                step = entry.get("step", 0)
+                if drop_final_eval and step == resume_step and all(k.startswith("eval/") for k in entry if k != "step"):
+                    return False
+                return step <= resume_step
+
+            lines = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        if not resume_step:  # a fresh start: what an earlier attempt logged is gone from metrics.jsonl too
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         self.file = open(self.path, "a", encoding="utf-8")
         purge = resume_step + 1 if resume_step else None
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)

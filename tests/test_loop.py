@@ -57,7 +57,8 @@ def test_tiny_run_writes_every_file_with_its_fields(tiny_run):
         assert summary["judgments"] == len(rows(it / "judgments.jsonl"))
         assert summary["actor_pairs"] == len(rows(it / "actor_pairs.jsonl")) > 0
         assert summary["judge_pairs"] == (len(rows(it / "judge_pairs.jsonl")) if t == 1 else 0)
-        assert summary["dpo_pairs"] == summary["actor_pairs"] + summary["judge_pairs"] and summary["dpo_steps"] > 0
+        assert summary["dpo_pairs"] + summary["dpo_held_out_pairs"] == summary["actor_pairs"] + summary["judge_pairs"]
+        assert summary["dpo_steps"] > 0 and summary["dpo_held_out_pairs"] > 0
         assert (it / "hf" / "model.safetensors").is_file() and (it / "train" / "metrics.jsonl").is_file()
         ids = {r["id"] for r in rows(it / "prompts.jsonl")}
         assert not ids & used and not ids & held_out  # never reused, never the held-out split
@@ -65,6 +66,52 @@ def test_tiny_run_writes_every_file_with_its_fields(tiny_run):
     metrics = rows(run_dir / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [1, 2]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _pair(row):
+    return row["prompt"], row["chosen"], row["rejected"]
+
+
+def _within(figures, name):
+    return figures[f"{name}_low"] - 1e-12 <= figures[name] <= figures[f"{name}_high"] + 1e-12
+
+
+@pytest.mark.slow
+def test_tiny_run_holds_out_pairs_and_scores_them(tiny_run):
+    """Each iteration's DPO holds out the pairs of a seeded third of its prompts (tiny.yaml: dpo_held_out 0.33),
+    never trains on them, and scores them by M_{t-1} (the reference: loss ln 2, every pair a tie) and M_t."""
+    from mrjax.config import load_config
+    from mrjax.loop import HELD_OUT_PAIRS, held_out_split
+
+    run_dir, done = tiny_run
+    config = load_config(TINY, [f"run_dir={run_dir}"])
+    for t in (1, 2):
+        it = run_dir / f"iter_{t}"
+        pairs = rows(it / "actor_pairs.jsonl") + (rows(it / "judge_pairs.jsonl") if t == 1 else [])
+        trained, held = rows(it / "train" / "pairs.jsonl"), rows(it / "train" / HELD_OUT_PAIRS)
+        assert held and not {_pair(r) for r in held} & {_pair(r) for r in trained}  # never trained on
+        assert sorted(map(_pair, trained + held)) == sorted(map(_pair, pairs))
+        keep, out = held_out_split(pairs, config.iteration.dpo_held_out, config.seed, t)
+        assert [_pair(pairs[i]) for i in keep] == list(map(_pair, trained))  # the split, recomputed
+        assert [_pair(pairs[i]) for i in out] == list(map(_pair, held))
+        held_prompts = {pairs[i]["prompt_id"] for i in out}
+        assert len(held_prompts) == 2 and not held_prompts & {pairs[i]["prompt_id"] for i in keep}
+
+        summary = json.loads((it / "summary.json").read_text())
+        before, after, train = (summary[f"dpo_{k}"] for k in ("held_out_before", "held_out_after", "train_after"))
+        assert before["pairs"] == after["pairs"] == summary["dpo_held_out_pairs"] == len(held)
+        assert train["pairs"] == summary["dpo_pairs"] == len(trained)
+        assert before["loss"] == pytest.approx(np.log(2), abs=1e-5)
+        assert before["accuracy"] == 0.5 and before["margin"] == 0.0  # policy == reference: every pair a tie
+        for figures in (before, after, train):
+            assert 0 <= figures["accuracy"] <= 1
+            for name in ("loss", "accuracy", "margin"):
+                assert _within(figures, name), (t, name, figures)
+        assert train["accuracy"] > 0.5 and train["loss"] < np.log(2)  # the trained pairs moved
+    metrics = rows(run_dir / "metrics.jsonl")
+    assert all(m["dpo_held_out_before/loss"] == pytest.approx(np.log(2), abs=1e-5) for m in metrics)
+    assert all({"dpo_held_out_after/accuracy_low", "dpo_train_after/accuracy"} <= set(m) for m in metrics)
+    assert "held-out accuracy       0.5 -> " in done.stderr and "trained pairs, after" in done.stderr
 
 
 def _tiers(scores, rho):
@@ -129,6 +176,9 @@ def test_tiny_run_pairs_obey_the_rules(tiny_run):
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(tiny_run):
     run_dir, _ = tiny_run
+    # Optimizer checkpoints go once a training stage's model is exported and marked: a finished run keeps none.
+    assert not list(run_dir.rglob("checkpoints*"))
+    assert (run_dir / "eft" / "train" / "metrics.jsonl").is_file() and (run_dir / "iter_1" / "train").is_dir()
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     again = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -159,12 +209,15 @@ def test_killed_runs_resume_to_the_same_result(tiny_run, tmp_path):
     assert leftovers, "the checkpoint kill happened outside a write"
     final = run_cli(*args)
     assert final.returncode == 0, final.stderr[-3000:]
-    assert not list(run_dir.rglob("checkpoints/*tmp*"))
+    assert not list(run_dir.rglob("checkpoints*"))
     for path, mtime in completed.items():
         assert path.stat().st_mtime_ns == mtime
     for t in (1, 2):
+        ours, theirs = (json.loads((d / f"iter_{t}" / "summary.json").read_text()) for d in (run_dir, reference))
+        for key in ("dpo_held_out_before", "dpo_held_out_after", "dpo_train_after"):
+            assert ours[key] == theirs[key], (t, key)
         for name in ("actor_pairs.jsonl", "judge_pairs.jsonl", "responses.jsonl", "judgments.jsonl",
-                     "meta_judgments.jsonl"):
+                     "meta_judgments.jsonl", "train/pairs.jsonl", "train/held_out_pairs.jsonl"):
             ours, theirs = run_dir / f"iter_{t}" / name, reference / f"iter_{t}" / name
             assert ours.exists() == theirs.exists()
             if theirs.exists():
@@ -185,6 +238,73 @@ def test_self_rewarding_switch_runs_without_meta_judge(tiny_run, tmp_path):
     assert summary["judge_pairs"] == 0 and summary["rho"] == 0.0 and summary["meta_judgments"] == 0
     assert (it / "hf" / "model.safetensors").is_file()
     assert not (tmp_path / "report.md").exists() and not (tmp_path / "report").exists()  # --no-eval
+
+
+def test_held_out_split_is_seeded_by_prompt_and_follows_its_rule():
+    from mrjax.loop import held_out_split
+
+    pairs = [{"prompt_id": p, "kind": kind} for kind in ("actor", "judge") for p in range(20)]
+    keep, held = held_out_split(pairs, 0.15, 0, 1)
+    assert (keep, held) == held_out_split(pairs, 0.15, 0, 1)  # deterministic
+    assert sorted(keep + held) == list(range(40)) and not set(keep) & set(held)
+    held_prompts = {pairs[i]["prompt_id"] for i in held}
+    assert len(held_prompts) == 3 and len(held) == 6  # round(0.15 x 20) prompts, both kinds of pair each
+    assert not held_prompts & {pairs[i]["prompt_id"] for i in keep}
+    assert held_out_split(pairs, 0.15, 0, 2)[1] != held != held_out_split(pairs, 0.15, 1, 1)[1]  # drawn anew
+    assert held_out_split(pairs, 0.0, 0, 1) == (list(range(40)), [])  # 0 disables
+    few = [{"prompt_id": p} for p in range(4)]
+    assert held_out_split(few, 0.5, 0, 1)[1] == []  # under 5 pairs nothing is held out
+    five = [{"prompt_id": p} for p in range(5)]
+    assert len(held_out_split(five, 0.01, 0, 1)[1]) == 1  # 5 pairs or more: at least one prompt
+    assert len(held_out_split(five, 0.99, 0, 1)[0]) == 1  # never every prompt
+    # Not a function of Python's hash randomization (string ids, two hash seeds, fresh processes).
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mrjax.loop import held_out_split; "
+            "print(held_out_split([{'prompt_id': f'p{i % 9}'} for i in range(30)], 0.3, 3, 1))")
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=h, JAX_PLATFORMS="cpu")).stdout for h in ("1", "2")}
+    assert len(outs) == 1
+
+
+def test_dpo_stage_exports_exactly_the_trainers_final_parameters(tmp_path, monkeypatch):
+    """iter_t/hf, read back by the loader, holds the trainer's own final state bit for bit (float32
+    safetensors); the held-out pairs stay out of pairs.jsonl and M_{t-1} scores them at ln 2."""
+    import jax
+    import mrjax.mesh as mesh_lib
+    from mrjax import load_pretrained
+    from mrjax.config import load_config
+    from mrjax.data import write_jsonl
+    from mrjax.loop import HELD_OUT_PAIRS, MetaRewardingRun
+
+    monkeypatch.setattr(mesh_lib, "mesh_from_settings", lambda settings: single_device_mesh())
+    config = load_config(TINY, [f"run_dir={tmp_path}", "eft.enabled=false", "train.warmup_ratio=0.1"])
+    where = tmp_path / "iter_1"
+    write_jsonl(where / "actor_pairs.jsonl", [{"prompt_id": i, "prompt": f"Name a colour, please ({i}).",
+                                               "chosen": ["Red.", "Blue.", "Green."][i % 3],
+                                               "rejected": f"{i * 7} is a number."} for i in range(8)])
+    run = MetaRewardingRun(config, progress=False)
+    final = {}
+    run.on_trained = lambda hf_dir, result: final.update(hf_dir=hf_dir, params=jax.device_get(result.model.params),
+                                                          step=result.step)
+    info = run.stage_train(1, where, "tiny-random")
+    assert final["hf_dir"] == where / "hf" and final["step"] == info["steps"] == 2  # 5 pairs, batch 4
+    exported, _ = load_pretrained(where / "hf", mesh=single_device_mesh(), progress=False)
+    got = jax.tree_util.tree_flatten_with_path(jax.device_get(exported.params))[0]
+    want = jax.tree_util.tree_flatten_with_path(final["params"])[0]
+    assert [path for path, _ in got] == [path for path, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+        assert a.dtype == b.dtype == np.float32, path
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    held = rows(where / "train" / HELD_OUT_PAIRS)
+    assert len(held) == info["held_out_pairs"] == 3 and info["pairs"] == 5  # round(0.33 x 8) prompts
+    assert not {_pair(r) for r in held} & {_pair(r) for r in rows(where / "train" / "pairs.jsonl")}
+    assert info["held_out_before"]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    # The warmup's first step learns too (tiny.yaml has no warmup; 0.1 of 2 steps rounds up to one).
+    rates = [m["learning_rate"] for m in rows(where / "train" / "metrics.jsonl") if "learning_rate" in m]
+    assert rates == [pytest.approx(config.train.learning_rate / 2), pytest.approx(config.train.learning_rate)]
 
 
 def test_bundled_loop_configs_validate_without_loading_weights(tmp_path, capsys):

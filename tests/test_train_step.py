@@ -374,8 +374,18 @@ def test_chunked_token_logps_equal_whole_and_budget_picks_chunk():
 # ---------------------------------------------------------------- schedule and optimizer
 
 
+def _schedule_float64(step, peak, warmup, total, kind):
+    """The schedule's rule, written out independently in float64."""
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    x = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    return peak * (0.5 * (1 + math.cos(math.pi * x)) if kind == "cosine" else 1 - x)
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
-def test_schedule_matches_transformers(kind):
+def test_schedule_warms_up_without_a_zero_step_then_decays_as_transformers(kind):
+    """Every step's rate is the float64 rule's: warmup step s at peak·(s+1)/(W+1), never 0; from step W on
+    it is transformers' get_{cosine,linear}_schedule_with_warmup (whose step 0 has a rate of 0)."""
     import torch
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -385,9 +395,18 @@ def test_schedule_matches_transformers(kind):
     sched = make(opt, warmup, total)
     ours = ts.lr_schedule(peak, warmup, total, kind)
     for step in range(total):
-        assert float(ours(step)) == pytest.approx(sched.get_last_lr()[0], rel=1e-5, abs=peak * 1e-6), step
+        got = float(ours(step))
+        # float32 arithmetic: 1 + cos(πx) near x = 1 loses digits, hence the absolute bound
+        assert got == pytest.approx(_schedule_float64(step, peak, warmup, total, kind), rel=1e-5, abs=peak * 1e-6), step
+        assert got > 0, step
+        if step >= warmup:
+            assert got == pytest.approx(sched.get_last_lr()[0], rel=1e-5, abs=peak * 1e-6), step
         opt.step()
         sched.step()
+    # A 5-step DPO run with warmup_ratio 0.1 (one warmup step): five steps that all learn.
+    short = ts.lr_schedule(peak, ts.warmup_steps_for(_train_settings(warmup_ratio=0.1), 5), 5, kind)
+    assert float(short(0)) == pytest.approx(peak / 2) and float(short(1)) == pytest.approx(peak)
+    assert all(float(short(s)) > 0 for s in range(5))
 
 
 def test_weight_decay_skips_norm_scales(tiny):

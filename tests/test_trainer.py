@@ -176,6 +176,29 @@ def test_dpo_learns_synthetic_preference_on_held_out_pairs(tiny, tmp_path):
     assert 1 <= len(trainer.step_fn.compiled_shapes) <= 4
 
 
+def test_every_dpo_step_learns_from_the_first_with_warmup(tiny, tmp_path):
+    """5 steps at warmup_ratio 0.1 (one warmup step): the logged rates are all above 0, the first at
+    half the peak (the warmup's zero step would have wasted one step in five). The eval pairs' figures
+    come per pair too, and a finished run resumed logs its final eval once."""
+    model, tok = tiny
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_pairs(20, seed=5))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rule_pairs(6, seed=7))
+    config = tiny_config(tmp_path / "run", "train.batch_size=4", "train.warmup_ratio=0.1", "train.learning_rate=1e-3")
+    result = Trainer(config, model, tok, progress=False).train(pairs, held_out)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = {x["step"]: x["learning_rate"] for x in lines if "learning_rate" in x}
+    assert sorted(rates) == [1, 2, 3, 4, 5] and all(rate > 0 for rate in rates.values())
+    assert rates[1] == pytest.approx(0.5e-3) and rates[2] == pytest.approx(1e-3)
+    per_pair = result.eval_pair_metrics
+    assert all(len(v) == 6 for v in per_pair.values())
+    for key, value in result.eval_metrics.items():
+        assert value == pytest.approx(float(np.mean(per_pair[key])), rel=1e-6, abs=1e-9), key
+    again = Trainer(config, model, tok, progress=False).train(pairs, held_out)  # resumes at step 5: no step
+    assert again.eval_metrics == result.eval_metrics
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval/loss" in x] == [5]
+
+
 def test_sft_lowers_held_out_nll(tiny, tmp_path):
     model, tok = tiny
     config = tiny_config(tmp_path / "run", "train.kind=sft", "train.max_length=512", "train.batch_size=4",

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mrjax.stats import bootstrap_mean_interval
+
 Z95 = 1.959963984540054
 
 
@@ -39,15 +41,8 @@ def win_rate(preferences: Sequence[float]) -> float:
 def bootstrap_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of 100 x mean(values), resampling the comparisons (prompts)."""
-    v = np.asarray(values, np.float64)
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return float(100 * lo), float(100 * hi)
+    lo, hi = bootstrap_mean_interval(values, resamples, seed, level)
+    return 100 * lo, 100 * hi
 
 
 def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-6, steps: int = 100) -> np.ndarray:
