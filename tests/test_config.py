@@ -46,6 +46,7 @@ def test_round_trip_through_dict(tmp_path):
         (["model.remat=3"], "'model.remat' must be bool"),
         (["model.remat_policy=most"], "'model.remat_policy' must be one of full, dots, got 'most'"),
         (["iteration.rho=[0, x]"], r"'iteration.rho\[1\]' must be float"),
+        (["iteration.dpo_held_out=1"], r"'iteration.dpo_held_out' must be in \[0, 1\), got 1.0"),
         (["mesh"], "not of the form key.sub=value"),
         (["mesh=3"], "mesh: expected a mapping"),
     ],
