@@ -37,7 +37,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = _parser().parse_intermixed_args(argv)  # overrides may come before or after the flags
     from mrjax.config import ConfigError, load_config
     from mrjax.data import read_rows
-    from mrjax.mesh import initialize_distributed
+    from mrjax.mesh import initialize_distributed, is_main_process
     from mrjax.trainer import build_trainer
 
     config = load_config(args.config, args.overrides)
@@ -46,7 +46,7 @@ def run(argv: list[str] | None = None) -> dict:
 
         return dry_run(config)
     if config.mode in ("meta_rewarding", "self_rewarding"):
-        from mrjax.eval.report import write_report
+        from mrjax.eval.report import run_table, write_report
         from mrjax.loop import check_config, run_loop
 
         checked = check_config(config)  # before jax.distributed and any model: bad input fails fast
@@ -55,6 +55,8 @@ def run(argv: list[str] | None = None) -> dict:
         # so the report grows while the run goes; python -m mrjax.eval adds win rates and judge quality.
         result = run_loop(config, progress=not args.quiet, force_config=args.force_config,
                           report=None if args.no_eval else write_report, checked=checked)
+        if is_main_process():  # the run at a glance; report.md has the same and more
+            print(run_table(result.run_dir), file=sys.stderr, flush=True)
         return {"run_dir": str(result.run_dir), "mode": config.mode, "final_model": str(result.final_model),
                 "already_complete": result.already_complete, "iterations": result.summaries}
     if not config.train.pairs:

@@ -175,6 +175,30 @@ def test_loop_writes_the_cheap_report_after_each_iteration(tiny_run):
 
 
 @pytest.mark.slow
+def test_the_run_ends_with_a_table_recomputed_from_its_files(tiny_run):
+    """The CLI's closing table (stderr) and the report's DPO and speed tables carry the run's figures:
+    tokens/s = the stage's generated tokens (counted here from its rows) over its wall time; the
+    DPO accuracies are the train marker's."""
+    run_dir, done = tiny_run
+    table = done.stderr[done.stderr.index(f"run {run_dir}"):]
+    lines = {line.strip().split("  ")[0]: line for line in table.splitlines()[2:]}
+    for stage, name in (("responses", "actor"), ("judgments", "judge"), ("meta_judgments", "meta-judge")):
+        tokens = sum(r["tokens"] for shard in sorted((run_dir / "iter_1" / "shards" / stage).glob("*.jsonl"))
+                     for r in rows(shard))
+        marker = json.loads((run_dir / "iter_1" / ".done" / f"{stage}.json").read_text())
+        assert marker["tokens"] == tokens > 0
+        rate = f"{marker['wall_s']:.0f}, {marker['tokens'] / marker['wall_s']:.0f}"
+        assert rate in lines[f"{name}: s, tokens/s"], (rate, lines)
+    train = json.loads((run_dir / "iter_1" / ".done" / "train.json").read_text())
+    assert f"{train['pairs']} / {train['held_out_pairs']}" in lines["DPO pairs trained / held out"]
+    assert f"{train['train_after']['accuracy']:.3f} [" in lines["DPO accuracy, trained"]
+    assert f"{train['held_out_before']['accuracy']:.3f} -> {train['held_out_after']['accuracy']:.3f}" in \
+        lines["DPO accuracy, held out"]
+    report = (run_dir / "report.md").read_text()
+    assert "## DPO: does it learn?" in report and "| generated tokens/s | actor | judge | meta-judge |" in report
+
+
+@pytest.mark.slow
 def test_eval_cli_on_the_tiny_run_writes_report_and_pictures(tiny_run, tmp_path):
     run_dir = _copy_run(tiny_run[0], tmp_path / "run")
     from mrjax.eval.run import HUMAN_RANKINGS

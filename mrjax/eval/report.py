@@ -20,6 +20,9 @@ from mrjax.data import jsonl_objects, mean_or_none, write_text
 from mrjax.eval import metrics as mx
 from mrjax.rundir import stage_markers
 
+# The loop's generation stages (actor, judge, meta-judge) and their names in the tables.
+GENERATION_STAGES = {"responses": "actor", "judgments": "judge", "meta_judgments": "meta-judge"}
+
 # Thresholds of the plain warnings.
 MIN_COMPARISONS = 30
 MIN_PARSE_RATE = 0.8
@@ -56,7 +59,15 @@ def iteration_figures(where: Path) -> dict:
         "actor_pairs": len(_rows(where / "actor_pairs.jsonl")),
         "judge_pairs": len(_rows(where / "judge_pairs.jsonl")),
         "wall_s": {k: v.get("wall_s") for k, v in sorted(done.items()) if k != "summary"},
+        # Generated tokens per second of wall time, per generation stage (expected-mode reads included).
+        "tokens_per_s": {k: done[k]["tokens"] / done[k]["wall_s"] for k in GENERATION_STAGES
+                         if done.get(k, {}).get("tokens") and done[k].get("wall_s")},
         "dpo_loss": done.get("train", {}).get("loss_mean"),
+        "dpo_pairs": done.get("train", {}).get("pairs"),
+        "dpo_held_out_pairs": done.get("train", {}).get("held_out_pairs"),
+        "dpo_train_after": done.get("train", {}).get("train_after"),
+        "dpo_held_out_before": done.get("train", {}).get("held_out_before"),
+        "dpo_held_out_after": done.get("train", {}).get("held_out_after"),
         "complete": "summary" in done,
     }
     meta = _rows(where / "meta_judgments.jsonl")
@@ -252,6 +263,53 @@ def _f(v: Any, digits: int = 1, pct: bool = False) -> str:
     return str(v)
 
 
+def _interval(figures: dict, name: str) -> str:
+    return f"{_f(figures[name], 3)} [{_f(figures[name + '_low'], 3)}, {_f(figures[name + '_high'], 3)}]"
+
+
+def _before_after(before: dict | None, after: dict | None, name: str) -> str:
+    if not before or not after:
+        return "-"
+    return f"{_f(before[name], 3)} -> {_interval(after, name)}"
+
+
+def run_table(root: str | Path) -> str:
+    """The run at a glance, for the terminal: one column for EFT and one per iteration (wall time, speed,
+    parse rates, the judge's error, the meta-judge's accuracy, pairs, DPO on trained and held-out pairs)."""
+    data = collect(Path(root))
+    eft, its = data["eft"], data["iterations"]
+    columns = (["EFT"] if eft else []) + [f"iteration {t}" for t in its]
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, eft_cell: str, per_iteration) -> None:
+        rows.append((label, ([eft_cell] if eft else []) + [per_iteration(it) for it in its.values()]))
+
+    before, after, train = eft.get("before", {}), eft.get("after", {}), eft.get("train", {})
+    ba = lambda key, **kw: f"{_f(before.get(key), **kw)} -> {_f(after.get(key), **kw)}"  # noqa: E731
+    eft_wall = sum(v.get("wall_s") or 0 for v in (before, after, train))
+    row("wall time (s)", _f(eft_wall, 0), lambda it: _f(float(sum(v or 0 for v in it["wall_s"].values())), 0))
+    for stage, name in GENERATION_STAGES.items():
+        row(f"  {name}: s, tokens/s", "", lambda it, s=stage: (
+            f"{_f(it['wall_s'].get(s), 0)}, {_f(it['tokens_per_s'].get(s), 0)}" if s in it["wall_s"] else "-"))
+    row("  training (s)", _f(train.get("wall_s"), 0), lambda it: _f(it["wall_s"].get("train"), 0))
+    row("judge parse rate", ba("judge_parse_rate", pct=True), lambda it: _f(it["judge_parse_rate"], pct=True))
+    row("judge mean abs. error", ba("judge_mean_abs_error", digits=2), lambda it: "")
+    row("meta-judge parse rate", ba("meta_judge_parse_rate", pct=True),
+        lambda it: _f(it["meta_judge_parse_rate"], pct=True))
+    row("meta-judge accuracy", ba("meta_judge_accuracy", pct=True), lambda it: "")
+    row("mean response chars", "", lambda it: _f(it["mean_response_chars"], 0))
+    row("pairs: actor / judge", "", lambda it: f"{it['actor_pairs']} / {it['judge_pairs']}")
+    row("DPO pairs trained / held out", "", lambda it: f"{it['dpo_pairs'] or 0} / {it['dpo_held_out_pairs'] or 0}")
+    row("DPO accuracy, trained", "", lambda it: _interval(it["dpo_train_after"], "accuracy")
+        if it.get("dpo_train_after") else "-")
+    row("DPO accuracy, held out", "", lambda it: _before_after(it.get("dpo_held_out_before"),
+                                                              it.get("dpo_held_out_after"), "accuracy"))
+    width = [max(len(label) for label, _ in rows)] + [
+        max([len(c)] + [len(cells[i]) for _, cells in rows]) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, width)).rstrip()  # noqa: E731
+    return "\n".join([f"run {root}", line([""] + columns)] + [line([label] + cells) for label, cells in rows])
+
+
 def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> list[tuple]:
     """The report as blocks: ("h", level, text), ("p", text), ("list", items), ("table", head, rows),
     ("img", path, caption), ("pairs", head, rows) for side-by-side answers."""
@@ -279,6 +337,8 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
             ["judge mean abs. error", _f(before.get("judge_mean_abs_error"), 2), _f(after.get("judge_mean_abs_error"), 2)],
             ["meta-judge parse rate", _f(before.get("meta_judge_parse_rate"), pct=True),
              _f(after.get("meta_judge_parse_rate"), pct=True)],
+            ["meta-judge accuracy (parsed verdicts)", _f(before.get("meta_judge_accuracy"), pct=True),
+             _f(after.get("meta_judge_accuracy"), pct=True)],
         ]))
     if its:
         b.append(("h", 2, "Iterations"))
@@ -292,6 +352,22 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
         stages = sorted({s for it in its.values() for s in it["wall_s"]})
         b.append(("table", ["wall time (s)"] + stages,
                   [[f"iteration {t}"] + [_f(it["wall_s"].get(s), 0) for s in stages] for t, it in its.items()]))
+        b.append(("table", ["generated tokens/s"] + list(GENERATION_STAGES.values()),
+                  [[f"iteration {t}"] + [_f(it["tokens_per_s"].get(s), 0) for s in GENERATION_STAGES]
+                   for t, it in its.items()]))
+        dpo = [(t, it) for t, it in its.items() if it.get("dpo_train_after")]
+        if dpo:
+            b.append(("h", 2, "DPO: does it learn?"))
+            b.append(("p", "Reward accuracy (chosen reward above rejected; ties 0.5) and loss with 95% bootstrap "
+                           "intervals over pairs. Held-out pairs are never trained on; before DPO they are scored by "
+                           "M_{t-1}, the reference itself (loss ln 2, every pair a tie)."))
+            b.append(("table", ["iteration", "pairs trained / held out", "trained: accuracy after",
+                                "held out: accuracy before -> after", "held out: loss before -> after"],
+                      [[str(t), f"{it['dpo_pairs']} / {it['dpo_held_out_pairs'] or 0}",
+                        _interval(it["dpo_train_after"], "accuracy"),
+                        _before_after(it["dpo_held_out_before"], it["dpo_held_out_after"], "accuracy"),
+                        _before_after(it["dpo_held_out_before"], it["dpo_held_out_after"], "loss")]
+                       for t, it in dpo]))
     if ev.get("win_rates"):
         b.append(("h", 2, "Actor: win rates on held-out prompts"))
         b.append(("p", f"Judge: `{ev['judge']}` (pairwise, both orders; ties and order disagreements count 0.5; "
