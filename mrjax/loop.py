@@ -28,7 +28,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -65,6 +65,8 @@ LOOP_MODES = ("meta_rewarding", "self_rewarding")
 # The suffixes after which the expected judge score and meta-judge verdict are read.
 SCORE_SUFFIX = "Score: "
 WINNER_SUFFIX = "Winner: Judgement"
+# Tokens an expected mode appends after a generated text's cut (its suffix, e.g. "\nWinner: Judgement").
+EXPECTED_MAX_APPENDED = 32
 # config.yaml's record of the input files' content (path and sha256), beside the resolved config.
 PINNED_KEY = "pinned_inputs"
 # iter_t/train/: the iteration's DPO pairs kept out of training (scored before and after it).
@@ -213,6 +215,30 @@ def _seed(*parts: Any) -> int:
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
+class ExpectedRead(NamedTuple):
+    """How an expected mode reads a value after each generated row: the probe (a
+    ``mrjax.sampling.NextTokenProbe``) and the values [M] from its log-probs [M, K]."""
+
+    probe: Any
+    values: Callable[[np.ndarray], np.ndarray]
+
+
+def _probe(tokenizer, text_to_read: Callable[[str], str], candidate_ids: list[int]):
+    """A NextTokenProbe that reads after ``text_to_read(generated text)``: the generated ids whose text
+    starts it stay (from the row's cache), the rest of it is tokenised and appended."""
+    from mrjax.sampling import NextTokenProbe
+
+    def continuation(ids: list[int]) -> tuple[int, list[int]]:
+        text = text_to_read(tokenizer.decode(ids))
+        lo, hi = 0, len(ids)  # the most generated ids whose text starts ``text``
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if text.startswith(tokenizer.decode(ids[:mid])) else (lo, mid - 1)
+        return lo, tokenizer.encode(text[len(tokenizer.decode(ids[:lo])):])
+
+    return NextTokenProbe(continuation, tuple(candidate_ids), max_appended=EXPECTED_MAX_APPENDED)
+
+
 def _continuation_token(tokenizer, prefix: str, candidate: str) -> tuple[str, int]:
     """(text to append, the one token id that follows it) so that text + candidate tokenises as
     text's tokens + that id: tries ``prefix + candidate`` ("Score: " + "4": SmolLM2 writes the space
@@ -352,13 +378,13 @@ class MetaRewardingRun:
         top_p: float,
         max_new_tokens: int,
         seed_parts: tuple,
-        score: Callable[[Any, Any, list, list], list] | None = None,
+        read: Callable[[Any], ExpectedRead] | None = None,
         shard_prompts: int | None = None,
     ) -> list[list[dict]]:
         """``n`` samples for each prompt, ``shard_prompts`` (default ``shard_size``) prompts per shard
         file; existing shards are reused. Returns per prompt a list of {"text", "tokens",
-        "finish_reason"[, "value"]}. ``score(model, tokenizer, shard prompts, texts)`` adds a
-        per-sample "value" (expected modes)."""
+        "finish_reason"[, "value"]}. ``read(tokenizer)`` (expected modes: ``expected_scores``,
+        ``expected_verdicts``) adds a per-sample "value", read after each row's text as it is generated."""
         from mrjax.sampling import generate
 
         size = shard_prompts or self.it.shard_size
@@ -394,10 +420,16 @@ class MetaRewardingRun:
                         so_far = tokens_made + made[1]
                         bar.set_postfix(tokens=so_far, tok_s=f"{so_far / max(elapsed, 1e-9):.0f}", refresh=False)
 
-                    result = generate(model, tokenizer, list(chunk), sampling, progress=False, rows_done=rows_done)
+                    expected = read(tokenizer) if read is not None else None
+                    result = generate(model, tokenizer, list(chunk), sampling, progress=False, rows_done=rows_done,
+                                      probe=expected.probe if expected else None)
                     bar.update(len(chunk) * n - made[0])
                     texts = [[t.strip() for t in per] for per in result.texts]
-                    values = score(model, tokenizer, list(chunk), texts) if score is not None else None
+                    values = None
+                    if expected is not None:
+                        flat = expected.values(np.asarray([lp for per in result.probe_logprobs for lp in per],
+                                                      np.float32)).tolist()
+                        values = [flat[i * n:(i + 1) * n] for i in range(len(chunk))]
                     rows = []
                     for i in range(len(chunk)):
                         for s in range(n):
@@ -421,38 +453,23 @@ class MetaRewardingRun:
 
     # ------------------------------------------------------------------ expected modes
 
-    def expected_scores(self, model, tokenizer, prompts: list, texts: list[list[str]]) -> list[list[float]]:
-        """Probability-weighted judge score after each judgment cut before its own 'Score:' (roles.expected_score_text)."""
-        from mrjax.sampling import next_token_logprobs
-
+    def expected_scores(self, tokenizer) -> ExpectedRead:
+        """Probability-weighted judge score ("0".."5" after 'Score: ') after each judgment cut before its
+        own 'Score:' label (roles.expected_score_text), read as the judgment is generated."""
         head, ids = None, []
         for digit in "012345":
             head, token = _continuation_token(tokenizer, SCORE_SUFFIX, digit)
             ids.append(token)
-        flat = []
-        for p, per in zip(prompts, texts):
-            prompt_ids = tokenizer.encode(tokenizer.chat(p))  # once per prompt, not per sample
-            flat += [prompt_ids + tokenizer.encode(roles.expected_score_text(t, head)) for t in per]
-        logprobs = next_token_logprobs(model, flat, ids, self.config.sampling.batch_size)
-        scores = np.asarray(pf.expected_score(logprobs, np.arange(6))).tolist()
-        n = len(texts[0])
-        return [scores[i * n:(i + 1) * n] for i in range(len(texts))]
+        return ExpectedRead(_probe(tokenizer, lambda text: roles.expected_score_text(text, head), ids),
+                            lambda logprobs: np.asarray(pf.expected_score(logprobs, np.arange(6))))
 
-    def expected_verdicts(self, model, tokenizer, prompts: list, texts: list[list[str]],
-                           suffix: str = WINNER_SUFFIX) -> list[list[float]]:
-        """log p(A) - log p(B) of the token after the explanation + ``suffix`` ('Winner: Judgement')."""
-        from mrjax.sampling import next_token_logprobs
-
+    def expected_verdicts(self, tokenizer, suffix: str = WINNER_SUFFIX) -> ExpectedRead:
+        """log p(A) - log p(B) of the token after the explanation + ``suffix`` ('Winner: Judgement'),
+        read as the meta-judgment is generated."""
         head, a = _continuation_token(tokenizer, suffix, " A")
         _, b = _continuation_token(tokenizer, suffix, " B")
-        flat = []
-        for p, per in zip(prompts, texts):
-            prompt_ids = tokenizer.encode(tokenizer.chat(p))  # once per prompt, not per sample
-            flat += [prompt_ids + tokenizer.encode(roles.expected_verdict_text(t, head)) for t in per]
-        logprobs = next_token_logprobs(model, flat, [a, b], self.config.sampling.batch_size)
-        margin = (logprobs[:, 0] - logprobs[:, 1]).tolist()
-        n = len(texts[0])
-        return [margin[i * n:(i + 1) * n] for i in range(len(texts))]
+        return ExpectedRead(_probe(tokenizer, lambda text: roles.expected_verdict_text(text, head), [a, b]),
+                            lambda logprobs: logprobs[:, 0] - logprobs[:, 1])
 
     def _judge_value(self, row: dict) -> tuple[str, float | None]:
         if self.it.judge_score == "expected":
@@ -761,10 +778,10 @@ class MetaRewardingRun:
         questions = {p["id"]: prompt_question(p["prompt"]) for p in jsonl_objects(where / "prompts.jsonl")}
         responses = jsonl_objects(where / "responses.jsonl")
         judge_prompts = [roles.fill_judge_prompt(questions[r["prompt_id"]], r["response"]) for r in responses]
-        score = self.expected_scores if it.judge_score == "expected" else None
+        read = self.expected_scores if it.judge_score == "expected" else None
         out = self.generate_sharded(where / "shards" / "judgments", "judgments", source, judge_prompts,
                                     it.judgments_per_response, it.judge_temperature, it.judge_top_p,
-                                    it.judge_max_new_tokens, ("judge", t), score)
+                                    it.judge_max_new_tokens, ("judge", t), read)
         rows, stats = [], roles.ParseStats()  # the parse rate of the text, whichever way scores are read
         for r, per in zip(responses, out):
             for n, sample in enumerate(per):
@@ -853,19 +870,19 @@ class MetaRewardingRun:
         prompts, response_text, texts, calls = self._meta_calls(where)
         meta_prompts = [roles.fill_meta_judge_prompt(prompt_question(prompts[p]["prompt"]), response_text[(p, k)],
                                                      texts[(p, k, m)], texts[(p, k, n)]) for p, k, m, n in calls]
-        score = self.expected_verdicts if it.meta_judge_verdict == "expected" else None
+        read = self.expected_verdicts if it.meta_judge_verdict == "expected" else None
         # A shard holds the calls of shard_size selected responses (N(N-1) each), so one generate call
         # has enough rows to fill and refill its decode slots.
         per_response = it.judgments_per_response * (it.judgments_per_response - 1)
         out = self.generate_sharded(where / "shards" / "meta_judgments", "meta_judgments", source, meta_prompts, 1,
                                     it.meta_judge_temperature, it.meta_judge_top_p, it.meta_judge_max_new_tokens,
-                                    ("meta_judge", t), score, shard_prompts=it.shard_size * per_response) if calls else []
+                                    ("meta_judge", t), read, shard_prompts=it.shard_size * per_response) if calls else []
         # Expected verdicts are calibrated (as in "Calibrate before use", Zhao et al. 2021): the margin
         # log p(A) - log p(B) is compared with its median over the calls of the same response, so neither
         # a constant position preference nor one question's offset (which moves all of its calls alike)
         # decides the verdicts; what is left is how each judgment fares against the others.
         threshold: dict[tuple[int, int], float] = {}
-        if score is not None:
+        if read is not None:
             margins: dict[tuple[int, int], list[float]] = {}
             for (p, k, _, _), per in zip(calls, out):
                 margins.setdefault((p, k), []).append(per[0]["value"])
@@ -878,7 +895,7 @@ class MetaRewardingRun:
             rows.append({"prompt_id": prompts[p]["id"], "k": k, "m": m, "n": n,
                          "order": "forward" if m < n else "reverse", "text": per[0]["text"], "winner": winner,
                          "status": status,
-                         **({"margin": per[0]["value"], "parse_status": parsed} if score is not None else {})})
+                         **({"margin": per[0]["value"], "parse_status": parsed} if read is not None else {})})
         write_jsonl(where / "meta_judgments.jsonl", rows)
         info = {"meta_judgments": len(rows), "verdict_threshold": mean_or_none(list(threshold.values())),
                 "selected_responses": len({(p, k) for p, k, _, _ in calls}),

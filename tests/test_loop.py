@@ -459,6 +459,39 @@ def test_continuation_tokens_of_the_expected_modes():
     assert tok.decode(tok.encode(head) + [a]) == "Winner: Judgement A"
 
 
+def test_expected_modes_read_after_the_cut_text_from_the_generated_ids(tmp_path):
+    """The probes of the expected modes keep the generated ids whose text starts the text to read
+    (the judgment cut before its own label, then the suffix) and append the rest: the kept and
+    appended ids spell that text exactly, and the ids before the label are kept."""
+    from mrjax import roles
+    from mrjax.config import load_config
+    from mrjax.loop import SCORE_SUFFIX, WINNER_SUFFIX, MetaRewardingRun, _continuation_token
+
+    from mrjax.model.registry import embedded_gguf_path
+    from mrjax.tokenizer import load_tokenizer
+
+    run = MetaRewardingRun(load_config(TINY, [f"run_dir={tmp_path}"]), progress=False)
+    tok = load_tokenizer(embedded_gguf_path())
+    score_head, _ = _continuation_token(tok, SCORE_SUFFIX, "4")
+    verdict_head, _ = _continuation_token(tok, WINNER_SUFFIX, " A")
+    score, verdict = run.expected_scores(tok), run.expected_verdicts(tok)
+    cases = [
+        (score, lambda t: roles.expected_score_text(t, score_head), "The response is accurate and clear.\n**Score: 4**",
+         "The response is accurate and clear."),
+        (score, lambda t: roles.expected_score_text(t, score_head), "  No label at all, just words",
+         "  No label at all, just words"),
+        (verdict, lambda t: roles.expected_verdict_text(t, verdict_head), "A explains more.\nWinner: Judgement B",
+         "A explains more."),
+        (verdict, lambda t: roles.expected_verdict_text(t, verdict_head), "Both fine; émigré café — ünïcode.",
+         "Both fine; émigré café — ünïcode."),
+    ]
+    for read, text_to_read, text, kept_text in cases:
+        ids = tok.encode(text)
+        k, appended = read.probe.continuation(ids)
+        assert tok.decode(ids[:k] + list(appended)) == text_to_read(text)
+        assert tok.decode(ids[:k]).startswith(kept_text) and len(appended) <= read.probe.max_appended
+
+
 def test_self_instruct_sanity_filter_and_dedupe():
     from mrjax.config import PromptSettings
     from mrjax.data import dedupe_prompts

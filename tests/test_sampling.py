@@ -15,10 +15,12 @@ from mrjax.mesh import make_mesh
 from mrjax.model.pretrained import Model, init_params, param_shardings
 from mrjax.model.registry import RANDOM_CONFIGS
 from mrjax.sampling import (
+    NextTokenProbe,
     SamplingConfig,
     SamplingError,
     generate,
     generate_ids,
+    next_token_logprobs,
     prompt_bucket,
     sample_logits,
 )
@@ -587,3 +589,42 @@ def test_bfloat16_greedy_tokens_stay_close_to_float32(smol):
     same = [sum(x == y for x, y in zip(p[0], q[0])) for p, q in zip(a, b)]
     assert sum(same) / (8 * 64) >= 0.8, same
     assert sum(s == 64 for s in same) >= 2, same
+
+
+def test_a_probe_reads_what_prefilling_the_cut_text_gives(tiny):
+    """A NextTokenProbe's log-probs, read from each finished row's own cache, equal next_token_logprobs
+    on the whole token sequence (prompt + kept generated ids + appended ids): rows stopped by an
+    end-of-turn id and rows at max_new_tokens (whose last token never entered the cache), cuts that keep
+    every token with nothing appended, keep half and append two, keep all and append one; with one slot
+    (a probe per finished row, then refills) and with all rows at once."""
+    model, _ = tiny
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(10, 1000, size=n).tolist() for n in (5, 40, 17, 90)]
+    config = SamplingConfig(max_new_tokens=20, temperature=1.0, n=2, seed=3, stop_ids=(0,))
+    free = generate_ids(model, prompts, config)
+    made = np.bincount(np.concatenate([np.asarray(t[0][4:]) for t in free.token_ids]))
+    config = dataclasses.replace(config, stop_ids=(int(np.argmax(made)),))
+    candidates = (5, 17, 300, 4000)
+
+    def continuation(ids):
+        case = sum(ids) % 3
+        return (len(ids), []) if case == 0 else (len(ids) // 2, [11, 12]) if case == 1 else (len(ids), [13])
+
+    probe = NextTokenProbe(continuation, candidates, max_appended=4)
+    outs = [generate_ids(model, prompts, dataclasses.replace(config, batch_size=b), probe=probe) for b in (1, 8)]
+    assert outs[0].token_ids == outs[1].token_ids
+    finishes = {r for per in outs[1].finish_reasons for r in per}
+    assert finishes == {"stop", "length"}
+    texts, cases = [], set()
+    for p, per in enumerate(outs[1].token_ids):
+        for s, ids in enumerate(per):
+            text = ids[:-1] if outs[1].finish_reasons[p][s] == "stop" else ids
+            k, appended = continuation(text)
+            texts.append(prompts[p] + text[:k] + appended)
+            cases.add((sum(text) % 3, outs[1].finish_reasons[p][s]))
+    assert len(cases) >= 4, cases  # several cuts, on stopped and on full-length rows
+    want = next_token_logprobs(model, texts, candidates)
+    for out in outs:
+        got = [lp for per in out.probe_logprobs for lp in per]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert generate_ids(model, prompts, config).probe_logprobs is None

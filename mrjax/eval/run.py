@@ -184,12 +184,12 @@ class Evaluation:
                 prompts.append(roles.fill_pairwise_prompt(m["prompt"], m["response"], r["response"]))  # model is A
                 prompts.append(roles.fill_pairwise_prompt(m["prompt"], r["response"], m["response"]))  # model is B
             expected = self.settings.verdict == "expected"
-            score = functools.partial(self.loop.expected_verdicts, suffix=PAIRWISE_SUFFIX) if expected else None
+            read = functools.partial(self.loop.expected_verdicts, suffix=PAIRWISE_SUFFIX) if expected else None
             out = self.loop.generate_sharded(self.where / "shards" / name,
                                              f"eval pairwise M_{t} vs M_{b}", self.settings.judge, prompts, 1,
                                              it.meta_judge_temperature, it.meta_judge_top_p,
                                              it.meta_judge_max_new_tokens, ("eval_pairwise", t, b, self.settings.seed),
-                                             score)
+                                             read)
             # Expected verdicts are calibrated as the loop's meta-judge ones: the margin
             # log p(A) - log p(B) against its median over this comparison's calls.
             threshold = float(np.median([per[0]["value"] for per in out])) if expected else 0.0

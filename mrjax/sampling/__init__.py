@@ -6,7 +6,7 @@ Modules: ``sample`` (logits -> tokens), ``engine`` (the jitted programs over a p
 slots), ``scheduler`` (the host side: waiting rows, refills, prefix groups), ``api`` (``generate``,
 ``generate_ids``, ``next_token_logprobs``, ``SamplingConfig``).
 """
-from mrjax.sampling.api import (GenerationOutput, SamplingConfig, SamplingError, generate, generate_ids,
+from mrjax.sampling.api import (GenerationOutput, NextTokenProbe, SamplingConfig, SamplingError, generate, generate_ids,
                                 next_token_logprobs, tokenize_prompts)
 from mrjax.sampling.sample import sample_logits
 from mrjax.sampling.scheduler import (FINISH_LENGTH, FINISH_STOP, NEW_TOKENS_ROUNDING, cache_bucket, prefix_groups,
@@ -17,6 +17,7 @@ __all__ = [
     "FINISH_STOP",
     "GenerationOutput",
     "NEW_TOKENS_ROUNDING",
+    "NextTokenProbe",
     "SamplingConfig",
     "SamplingError",
     "cache_bucket",

@@ -104,6 +104,22 @@ class SamplingConfig:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class NextTokenProbe:
+    """What to read after each generated row: log p(candidate | prompt + the row's text, cut and continued).
+
+    ``continuation(ids)`` gets the row's generated ids (without its end-of-turn id) and returns
+    ``(k, appended)``: the text to read after is its first ``k`` ids, then the ``appended`` ids (at most
+    ``max_appended``). ``candidate_ids`` are the tokens whose log-probs are read. The row's prompt and
+    kept tokens are read from its own cache, so nothing is prefilled again: the expected judge score
+    ("Score: " -> "0".."5") and meta-judge verdict ("Winner: Judgement" -> " A" / " B") are read so.
+    """
+
+    continuation: Callable[[list[int]], tuple[int, Sequence[int]]]
+    candidate_ids: tuple[int, ...]
+    max_appended: int = 32
+
+
 @dataclasses.dataclass
 class GenerationOutput:
     """Per prompt (outer list, the caller's order), per sample (inner list).
@@ -121,6 +137,8 @@ class GenerationOutput:
     lengths: list[list[int]]
     finish_reasons: list[list[str]]
     prompt_lengths: list[int]  # prompt tokens (after the chat template)
+    # With a NextTokenProbe: per prompt, per sample, log p(candidate) for each of its candidate_ids.
+    probe_logprobs: list[list[list[float]]] | None = None
 
     @property
     def num_generated_tokens(self) -> int:
@@ -156,13 +174,14 @@ def generate(
     *,
     progress: bool | None = None,
     rows_done: Callable[[int, int], None] | None = None,
+    probe: NextTokenProbe | None = None,
 ) -> GenerationOutput:
     """Sample ``config.n`` completions for each prompt (a user-message string or a list of
     chat messages), in the chat template with the generation prompt. See ``GenerationOutput``."""
     prompt_ids = tokenize_prompts(tokenizer, prompts)
     stop_ids = config.stop_ids if config.stop_ids is not None else tuple(tokenizer.eos_ids)
     config = dataclasses.replace(config, stop_ids=tuple(int(i) for i in stop_ids))
-    out = generate_ids(model, prompt_ids, config, progress=progress, rows_done=rows_done)
+    out = generate_ids(model, prompt_ids, config, progress=progress, rows_done=rows_done, probe=probe)
     stop = set(config.stop_ids)
     out.texts = [
         [tokenizer.decode([t for t in ids if t not in stop]) for ids in per_prompt] for per_prompt in out.token_ids
@@ -177,6 +196,7 @@ def generate_ids(
     *,
     progress: bool | None = None,
     rows_done: Callable[[int, int], None] | None = None,
+    probe: NextTokenProbe | None = None,
 ) -> GenerationOutput:
     """``generate`` on already tokenised prompts (``config.stop_ids`` must be set); texts are empty.
     ``rows_done(rows, tokens)`` hears of every batch of rows that finished, inside the call."""
@@ -222,7 +242,8 @@ def generate_ids(
 
     on_rows.tokens = 0
     try:
-        token_ids, logprobs, finish = Scheduler(model, prompt_ids, config, config.params(), candidates, on_rows).run()
+        scheduler = Scheduler(model, prompt_ids, config, config.params(), candidates, on_rows, probe)
+        token_ids, logprobs, finish = scheduler.run()
     finally:
         if bar is not None:
             bar.close()
@@ -233,6 +254,7 @@ def generate_ids(
         lengths=[[len(t) for t in per] for per in token_ids],
         finish_reasons=finish,
         prompt_lengths=[len(ids) for ids in prompt_ids],
+        probe_logprobs=scheduler.probe_logprobs,
     )
 
 

@@ -9,7 +9,9 @@ config, compute dtype and mesh) picks the compiled version:
 * ``empty_pool``, ``insert``: a ``SlotPool`` of decode slots, and prefilled rows put into free
   slots (their caches converted to the decode layout, their first tokens sampled);
 * ``decode``: a ``lax.while_loop`` of decode steps over the pool until enough slots are free;
-* ``compact``: some slots of a pool gathered into a smaller one.
+* ``compact``: some slots of a pool gathered into a smaller one;
+* ``probe``: for finished rows, the next-token log-probs after their text (cut, then a few more
+  tokens): the expected judge score or meta-judge verdict, read from the rows' own caches.
 
 Sampling parameters are arrays (``SampleParams``), so a handful of programs serve a call; the host
 side (which rows go where, and when) is ``mrjax.sampling.scheduler``.
@@ -196,6 +198,33 @@ def compact(module, pool: SlotPool, keep) -> SlotPool:
     return SlotPool(caches=[(take(k, DECODE_K_AXES), take(v, DECODE_V_AXES)) for k, v in pool.caches], **fields)
 
 
+@functools.partial(jax.jit, static_argnames=("module",))
+def probe(module, weights, prefix, prefix_mask, pool: SlotPool, where, keep, feed, feed_len, candidate_ids):
+    """log p(candidate | text) [N, K] for finished rows ``where`` [N], whose text is the row's prompt, its
+    first ``keep`` [N] generated tokens (still in its cache) and then ``feed`` [N, T] (``feed_len`` [N] real
+    tokens, each row at least one): what an expected score or verdict reads, without prefilling the
+    prompt again. Works on a copy of the rows' caches; the pool is left as it is."""
+    config = module.config
+    take = lambda a, names: mesh_lib.constrain(jnp.take(a, where, axis=0), module.mesh, names)  # noqa: E731
+    caches = [(take(k, DECODE_K_AXES), take(v, DECODE_V_AXES)) for k, v in pool.caches]
+    prompt_mask = take(pool.prompt_mask, ("batch", None))
+    prompt_len = take(pool.prompt_len, ("batch",))
+    N, P = prompt_mask.shape
+    gen_ids = jnp.arange(caches[0][0].shape[-1] - P, dtype=jnp.int32)
+    shared = (prefix_decode_layout(prefix, config.num_layers), prefix_mask)
+
+    def body(j, state):
+        caches, out = state
+        allowed = jnp.concatenate([prompt_mask, gen_ids[None] <= (keep + j)[:, None]], axis=1)
+        logits, caches = decode_step(weights, config, feed[:, j], prompt_len + keep + j, caches, allowed, P + keep + j,
+                                     shared)
+        read = jnp.take(jax.nn.log_softmax(logits, axis=-1), candidate_ids, axis=-1)
+        return caches, jnp.where((j == feed_len - 1)[:, None], read, out)
+
+    out = jnp.zeros((N, candidate_ids.shape[0]), jnp.float32)
+    return jax.lax.fori_loop(0, feed.shape[1], body, (caches, out))[1]
+
+
 # Every program, by name (to count compilations).
 PROGRAMS = {"prepare": prepare, "prefill": prefill, "prefill_after": prefill_after, "empty_pool": empty_pool,
-            "insert": insert, "decode": decode, "compact": compact}
+            "insert": insert, "decode": decode, "compact": compact, "probe": probe}

@@ -224,10 +224,15 @@ class Scheduler:
 
     ``run()`` returns per prompt, per sample: the generated ids, their log-probabilities and the
     finish reason. ``on_rows(rows, tokens)`` (optional) hears of every batch of finished rows.
+    ``probe`` (optional, an ``api.NextTokenProbe``) reads the next-token log-probs after each finished
+    row's text, cut and continued, from the row's own cache before its slot is refilled
+    (``probe_logprobs``, per prompt and sample).
     """
 
-    def __init__(self, model, prompt_ids: Sequence[Sequence[int]], config, params, candidates: int, on_rows=None):
+    def __init__(self, model, prompt_ids: Sequence[Sequence[int]], config, params, candidates: int, on_rows=None,
+                 probe=None):
         self.model, self.module, self.mesh = model, model.module, model.mesh
+        self.probe = probe
         self.prompt_ids, self.n = prompt_ids, config.n
         self.params, self.greedy, self.candidates = params, config.greedy, candidates
         self.on_rows = on_rows
@@ -254,13 +259,18 @@ class Scheduler:
         self.unplaced = collections.Counter(self.group[p] for p, _ in self.waiting)
         self.group_caches: dict[int, tuple] = {}
         self.refill_at = max(1, self.rows // REFILL_FRACTION)
+        # A probe's appended tokens go after the row's generated ones: room for them in every slot.
+        appended = -(-probe.max_appended // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING if probe else 0
         self.pool = engine.empty_pool(self.module, rows=self.rows, prompt_slots=self.prompt_slots,
-                                      cache_slots=self.prompt_slots + self.new_capacity, new_capacity=self.new_capacity)
+                                      cache_slots=self.prompt_slots + self.new_capacity + appended,
+                                      new_capacity=self.new_capacity)
         self.slot_row: list[tuple[int, int] | None] = [None] * self.rows
 
         self.token_ids: list[list[list[int]]] = [[[] for _ in range(self.n)] for _ in range(n_prompts)]
         self.logprobs: list[list[list[float]]] = [[[] for _ in range(self.n)] for _ in range(n_prompts)]
         self.finish: list[list[str]] = [[FINISH_LENGTH] * self.n for _ in range(n_prompts)]
+        self.probe_logprobs: list[list[list[float]]] | None = (
+            [[[] for _ in range(self.n)] for _ in range(n_prompts)] if probe else None)
 
     def run(self):
         try:
@@ -326,6 +336,8 @@ class Scheduler:
         if not finished:
             return
         out_tokens, out_logprobs = mesh_lib.fetch((self.pool.out_tokens, self.pool.out_logprobs))
+        if self.probe is not None:
+            self.read_probes(finished, step, stopped, out_tokens)
         for b in finished:
             (p, s), n = self.slot_row[b], int(step[b])
             self.token_ids[p][s] = out_tokens[b, :n].tolist()
@@ -334,6 +346,42 @@ class Scheduler:
             self.slot_row[b] = None
         if self.on_rows is not None:
             self.on_rows(len(finished), int(sum(step[b] for b in finished)))
+
+    def read_probes(self, finished: list[int], step, stopped, out_tokens) -> None:
+        """The probe's log-probs for the finished rows in slots ``finished``, in one ``engine.probe`` call."""
+        keep, feeds = [], []
+        for b in finished:
+            n = int(step[b])
+            text_ids = out_tokens[b, :n - 1 if stopped[b] else n].tolist()  # the end-of-turn id is not text
+            k, appended = self.probe.continuation(text_ids)
+            if not 0 <= k <= len(text_ids) or len(appended) > self.probe.max_appended:
+                raise ValueError(f"probe continuation: keep {k} of {len(text_ids)} tokens and append "
+                                 f"{len(appended)} (at most {self.probe.max_appended})")
+            kept = min(k, n - 1)  # a row's last token was never fed back: its keys are not in the cache
+            feed = text_ids[kept:k] + list(appended)
+            if not feed:  # nothing after the cut: feed its last token again, to read what follows it
+                if kept == 0:
+                    raise ValueError("probe continuation: an empty text (keep 0, nothing appended) has no next token")
+                kept -= 1
+                feed = [text_ids[kept]]
+            keep.append(kept)
+            feeds.append(feed)
+        N = row_bucket(len(finished), self.ways)
+        T = -(-max(map(len, feeds)) // 8) * 8
+        where = np.full(N, finished[0], np.int32)  # padding rows read the first one again (ignored)
+        keep_a, feed_len = np.zeros(N, np.int32), np.ones(N, np.int32)
+        feed = np.zeros((N, T), np.int32)
+        feed[:, 0] = feeds[0][0]
+        for r, (b, kept, ids) in enumerate(zip(finished, keep, feeds)):
+            where[r], keep_a[r], feed_len[r] = b, kept, len(ids)
+            feed[r, :len(ids)] = ids
+        rep = functools.partial(mesh_lib.put_replicated, self.mesh)
+        logprobs = mesh_lib.fetch(engine.probe(self.module, self.weights, self.prefix, self.prefix_mask, self.pool,
+                                               rep(where), rep(keep_a), rep(feed), rep(feed_len),
+                                               rep(np.asarray(self.probe.candidate_ids, np.int32))))
+        for r, b in enumerate(finished):
+            p, s = self.slot_row[b]
+            self.probe_logprobs[p][s] = logprobs[r].tolist()
 
     def shrink(self) -> None:
         """Once no rows wait and half of the pool is free, gather the live rows into a smaller pool."""
