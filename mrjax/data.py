@@ -428,6 +428,21 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
+# A prompt prefix common to a micro-batch's rows runs once when it is at least this long (shorter, the
+# extra model call costs more than it saves; the chat template's header alone is about 20 tokens).
+MIN_SHARED_TOKENS = 32
+
+
+def common_prefix_length(seqs: Sequence[np.ndarray]) -> int:
+    """Length of the longest token prefix that every sequence starts with."""
+    n = min(len(s) for s in seqs)
+    first = np.asarray(seqs[0][:n])
+    for s in seqs[1:]:
+        diff = np.flatnonzero(np.asarray(s[:n]) != first[:n])
+        n = int(diff[0]) if len(diff) else n
+    return n
+
+
 def make_batch(
     examples: Examples,
     indices: Sequence[int],
@@ -436,18 +451,40 @@ def make_batch(
     pad_id: int,
     max_length: int,
     min_bucket: int = 16,
+    share_prefix: bool = True,
 ) -> dict[str, np.ndarray]:
     """Numpy arrays [A, b, ...] (A = micro_batches, b = batch_size / A) for ``mrjax.train_step``.
 
     Fewer than ``batch_size`` indices are padded with weight-0 rows (the end of an epoch).
+
+    With ``share_prefix``, when the real rows of some micro-batch (two or more) share a prompt prefix of
+    at least ``MIN_SHARED_TOKENS`` tokens (every judge-format row shares the judge rubric), each
+    micro-batch's common prefix goes to ``shared_tokens``/``shared_positions``/``shared_mask`` [A, S]
+    (left-padded), and the rows' ``prefix_*`` hold only the rest of their prompt (positions continuing
+    after the shared part): the step runs the shared part once per micro-batch, not once per row.
+    Otherwise there are no ``shared_*`` keys and ``prefix_*`` hold the whole prompt.
     """
     if not 0 < len(indices) <= batch_size or batch_size % micro_batches:
         raise ValueError(f"{len(indices)} indices for a batch of {batch_size} in {micro_batches} micro-batches")
     r = examples.repeats
+    b = batch_size // micro_batches
     weights = np.zeros(batch_size, np.float32)
     weights[: len(indices)] = 1.0
     rows = list(indices) + [indices[0]] * (batch_size - len(indices))
-    prefix_len = bucket_length(max(len(examples.prompts[i]) - 1 for i in rows), min_bucket, max_length)
+    heads = [examples.prompts[i][:-1] for i in rows]  # the prefix segment: the prompt without its last token
+
+    # Tokens of each row's head that go to its micro-batch's shared part (the rows' common prefix).
+    shared_of = np.zeros(batch_size, np.int64)
+    if share_prefix:
+        for a in range(micro_batches):
+            # Nothing is shared among fewer than two real rows (padding rows, copies of the first row, are
+            # included so that every row starts with its micro-batch's shared part).
+            if weights[a * b:(a + 1) * b].sum() > 1:
+                shared_of[a * b:(a + 1) * b] = common_prefix_length(heads[a * b:(a + 1) * b])
+        if shared_of.max() < MIN_SHARED_TOKENS:
+            shared_of[:] = 0
+    shared_len = bucket_length(int(shared_of.max()), min_bucket, max_length) if shared_of.max() else 0
+    prefix_len = bucket_length(max(len(h) - s for h, s in zip(heads, shared_of)), min_bucket, max_length)
     length = bucket_length(max(len(c) for i in rows for c in examples.completions[i]), min_bucket, max_length)
 
     prefix_tokens = np.full((batch_size, prefix_len), pad_id, np.int32)
@@ -458,12 +495,12 @@ def make_batch(
     positions = np.zeros((batch_size * r, length), np.int32)
     mask = np.zeros((batch_size * r, length), bool)
     for row, i in enumerate(rows):
-        prompt = examples.prompts[i]
-        head = prompt[:-1]  # left-padded so the prompt's last token sits next to the completion segment
-        if len(head):
-            prefix_tokens[row, prefix_len - len(head):] = head
-            prefix_positions[row, prefix_len - len(head):] = np.arange(len(head))
-            prefix_mask[row, prefix_len - len(head):] = True
+        prompt, head, done = examples.prompts[i], heads[row], int(shared_of[row])
+        rest = head[done:]  # left-padded so the prompt's last token sits next to the completion segment
+        if len(rest):
+            prefix_tokens[row, prefix_len - len(rest):] = rest
+            prefix_positions[row, prefix_len - len(rest):] = done + np.arange(len(rest))
+            prefix_mask[row, prefix_len - len(rest):] = True
         for j, completion in enumerate(examples.completions[i]):
             k = row * r + j
             n = len(completion)
@@ -488,8 +525,19 @@ def make_batch(
         if examples.ref_logps is not None:
             ref = examples.ref_logps[rows].astype(np.float32)
         batch["ref_logps"] = ref
-    b = batch_size // micro_batches
-    return {k: v.reshape(micro_batches, b * (v.shape[0] // batch_size), *v.shape[1:]) for k, v in batch.items()}
+    batch = {k: v.reshape(micro_batches, b * (v.shape[0] // batch_size), *v.shape[1:]) for k, v in batch.items()}
+    if shared_len:  # one row per micro-batch, [A, S], left-padded like the rows' prefixes
+        shared_tokens = np.full((micro_batches, shared_len), pad_id, np.int32)
+        shared_positions = np.zeros((micro_batches, shared_len), np.int32)
+        shared_mask = np.zeros((micro_batches, shared_len), bool)
+        for a in range(micro_batches):
+            n = int(shared_of[a * b])
+            if n:
+                shared_tokens[a, shared_len - n:] = heads[a * b][:n]
+                shared_positions[a, shared_len - n:] = np.arange(n)
+                shared_mask[a, shared_len - n:] = True
+        batch.update(shared_tokens=shared_tokens, shared_positions=shared_positions, shared_mask=shared_mask)
+    return batch
 
 
 @dataclasses.dataclass
@@ -572,6 +620,8 @@ __all__ = [
     "end_of_turn_text",
     "epoch_order",
     "load_examples",
+    "MIN_SHARED_TOKENS",
+    "common_prefix_length",
     "make_batch",
     "read_rows",
     "resolve_path",

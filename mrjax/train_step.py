@@ -15,6 +15,12 @@ example is laid out as two segments (built by ``mrjax.data``):
   ``mask`` marks real completion targets, so a sequence log-prob is a masked sum
   over this segment only (the prompt is never scored).
 
+Optionally ``shared_*`` [A, S]: a prompt prefix common to every row of the
+micro-batch (the judge rubric of judge-format rows), left-padded; the rows'
+``prefix_*`` then hold only the rest of their prompts. The step runs it once per
+micro-batch and every row continues from a copy of its KV cache: the same loss
+and gradients as running it in every row, at a fraction of the prompt's cost.
+
 ``r`` is the number of completions per prompt: 2 for DPO (rows interleaved
 chosen, rejected, chosen, ...), 1 for SFT. With ``share_prompt`` a DPO step runs
 each prompt once and both completions from its KV cache (so the prompt costs
@@ -145,7 +151,10 @@ def token_logps(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, chunk
 
 
 def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_prompt: bool) -> jax.Array:
-    """Final hidden states [b*repeats, C] of the completion segment of a micro-batch."""
+    """Final hidden states [b*repeats, C] of the completion segment of a micro-batch.
+
+    Only the completion segment's hidden states are returned, so logits are never computed over the prompt.
+    """
     prefix_tokens, prefix_positions, prefix_mask = mb["prefix_tokens"], mb["prefix_positions"], mb["prefix_mask"]
     b, prefix_len = prefix_tokens.shape
     length = mb["tokens"].shape[1]
@@ -154,21 +163,43 @@ def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_p
     def rep(x):  # rows [b, ...] -> [b*repeats, ...], each prompt next to its completions
         return x if repeats == 1 else jnp.repeat(x, repeats, axis=0)
 
+    def grow(cache: KVCache, rows: int, slots: int) -> KVCache:
+        # ``slots`` empty key slots appended, each cache row copied to rows // (its rows) rows.
+        # The copy's backward sums the copies' gradients: what the rows' separate forwards would give.
+        widen = ((0, 0), (0, 0), (0, slots), (0, 0), (0, 0))
+        return KVCache(*(jnp.repeat(jnp.pad(c, widen), rows // c.shape[1], axis=1) for c in cache))
+
     # A completion slot holds a real input exactly when its target is real, so ``mask`` serves both.
     kv_mask = jnp.concatenate([rep(prefix_mask), mb["mask"]], axis=1)
+    cache, done = None, 0  # the KV cache of what has already run, and its length in slots
+    if "shared_tokens" in mb:
+        # The prompt prefix common to the micro-batch (mrjax.data.make_batch) runs once, as one row;
+        # every row then continues from (a copy of) its cache, at positions after it.
+        done = mb["shared_tokens"].shape[0]
+        cache = KVCache.zeros(module.config, 1, done, module.dtype)
+        _, cache = apply(mb["shared_tokens"][None], mb["shared_positions"][None], mb["shared_mask"][None], cache, 0,
+                         return_hidden=True)
+        kv_mask = jnp.concatenate([jnp.broadcast_to(mb["shared_mask"], (b * repeats, done)), kv_mask], axis=1)
     if share_prompt and repeats > 1:
         # The prompt once per pair: prefill a KV cache, copy it to both completions, and continue from it.
-        # The prefill cache holds only the prompt (its attention spans P keys, not P + C);
-        # it is then widened by C empty slots for the completions.
-        cache = KVCache.zeros(module.config, b, prefix_len, module.dtype)
-        _, cache = apply(prefix_tokens, prefix_positions, prefix_mask, cache, 0, return_hidden=True)
-        widen = ((0, 0), (0, 0), (0, length), (0, 0), (0, 0))
-        cache = KVCache(*(jnp.repeat(jnp.pad(c, widen), repeats, axis=1) for c in cache))
-        hidden, _ = apply(mb["tokens"], mb["positions"], kv_mask, cache, prefix_len, return_hidden=True)
+        # The prefill cache holds only the prompt (its attention spans the prompt's keys, not the
+        # completions' too); it is then widened by C empty slots for the completions.
+        if cache is None:
+            cache = KVCache.zeros(module.config, b, prefix_len, module.dtype)
+        else:
+            cache = grow(cache, b, prefix_len)
+        prompt_mask = kv_mask[::repeats, : done + prefix_len]
+        _, cache = apply(prefix_tokens, prefix_positions, prompt_mask, cache, done, return_hidden=True)
+        hidden, _ = apply(mb["tokens"], mb["positions"], kv_mask, grow(cache, b * repeats, length), done + prefix_len,
+                          return_hidden=True)
         return hidden
     tokens = jnp.concatenate([rep(prefix_tokens), mb["tokens"]], axis=1)
     positions = jnp.concatenate([rep(prefix_positions), mb["positions"]], axis=1)
-    hidden, _ = apply(tokens, positions, kv_mask, return_hidden=True)
+    if cache is None:
+        hidden, _ = apply(tokens, positions, kv_mask, return_hidden=True)
+    else:
+        cache = grow(cache, b * repeats, prefix_len + length)
+        hidden, _ = apply(tokens, positions, kv_mask, cache, done, return_hidden=True)
     return hidden[:, prefix_len:]
 
 
@@ -294,7 +325,9 @@ def abstract_state(state_sharding: TrainState, tx: optax.GradientTransformation,
 
 def batch_shardings(mesh: Mesh, batch: dict) -> dict:
     """Rows of every batch array shard over (data, fsdp); the leading micro-batch axis stays whole."""
-    return {k: named_sharding(mesh, (None, "batch") + (None,) * (v.ndim - 2), v.shape) for k, v in batch.items()}
+    # The shared prompt prefix [A, S] (one row per micro-batch) is replicated.
+    return {k: named_sharding(mesh, (None,) * v.ndim if k.startswith("shared_") else
+                              (None, "batch") + (None,) * (v.ndim - 2), v.shape) for k, v in batch.items()}
 
 
 def place_batch(mesh: Mesh, batch: dict) -> dict:

@@ -442,3 +442,128 @@ def test_bfloat16_dpo_step_agrees_with_float32(tiny, one_device_step):
 # update's direction at a cosine of 0.99998; the bounds leave a margin of about 5x.
 BF16_STEP_RTOL = 1e-3
 BF16_UPDATE_COS = 0.9999
+
+
+# ---------------------------------------------------------------- shared prompt prefix
+
+
+def _judge_rows():
+    from mrjax.roles import fill_judge_prompt
+
+    qa = [("What is 2+2?", "4"), ("Name a colour.", "Blue, because it is calm."),
+          ("Who wrote Hamlet?", "Shakespeare wrote it around 1600."), ("Is water wet?", "Yes.")]
+    return [{"prompt": fill_judge_prompt(q, a), "completion": f"Relevant and correct.\nScore: {i + 2}"}
+            for i, (q, a) in enumerate(qa)]
+
+
+def test_make_batch_splits_the_shared_prefix_by_hand():
+    """Hand-worked: heads (prompt minus its last token) [1..40, 50, 51], [1..40, 60] and [1..40, 50, 70]
+    share 40 tokens; the shared part is left-padded to 64, each remainder continues at position 40."""
+    from mrjax.data import Examples, bucket_length, common_prefix_length
+
+    common = np.arange(1, 41, dtype=np.int32)
+    prompts = [np.r_[common, 50, 51, 9], np.r_[common, 60, 9], np.r_[common, 50, 70, 9]]
+    examples = Examples("sft", [p.astype(np.int32) for p in prompts], [(np.array([7, 8], np.int32),)] * 3, "t",
+                        [1, 2, 3], "")
+    assert common_prefix_length([p[:-1] for p in examples.prompts]) == 40
+    batch = make_batch(examples, [0, 1, 2], 4, 1, 0, 256)  # the 4th row is weight-0 padding
+    S, P = bucket_length(40, 16, 256), bucket_length(2, 16, 256)
+    assert (S, P) == (64, 16) and batch["shared_tokens"].shape == (1, S) and batch["prefix_tokens"].shape == (1, 4, P)
+    np.testing.assert_array_equal(batch["shared_tokens"][0, S - 40:], common)
+    np.testing.assert_array_equal(batch["shared_positions"][0, S - 40:], np.arange(40))
+    assert batch["shared_mask"][0].sum() == 40 and batch["shared_mask"][0, S - 40:].all()
+    for row, i in enumerate([0, 1, 2, 0]):
+        m = batch["prefix_mask"][0, row]
+        rest = batch["prefix_tokens"][0, row][m]
+        # shared part + remainder + the last prompt token (the completion segment's first input) = the prompt
+        np.testing.assert_array_equal(np.r_[batch["shared_tokens"][0][batch["shared_mask"][0]], rest,
+                                            batch["tokens"][0, row, 0]], prompts[i])
+        np.testing.assert_array_equal(batch["prefix_positions"][0, row][m], 40 + np.arange(len(rest)))
+        assert batch["positions"][0, row, 0] == len(prompts[i]) - 1
+    # Fewer than MIN_SHARED_TOKENS in common, one real row, or sharing off: no shared keys.
+    short = Examples("sft", [np.r_[common[:20], 5, 9], np.r_[common[:20], 6, 9]], [(np.array([7], np.int32),)] * 2,
+                     "t", [1, 2], "")
+    assert "shared_tokens" not in make_batch(short, [0, 1], 2, 1, 0, 256)
+    assert "shared_tokens" not in make_batch(examples, [0], 4, 1, 0, 256)
+    assert "shared_tokens" not in make_batch(examples, [0, 1, 2], 4, 1, 0, 256, share_prefix=False)
+
+
+def _mixed_examples(tok, kind):
+    """Judge-format rows (the rubric shared), then actor-style rows (only the chat header shared)."""
+    judge = _judge_rows()
+    if kind == "sft":
+        actor = [{"prompt": p, "completion": c} for p, c, _ in PAIRS]
+    else:
+        judge = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "Off topic.\nScore: 0"} for r in judge]
+        actor = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    rows = [(i + 1, r) for i, r in enumerate(judge + actor)]
+    return tokenize_rows(rows, tok, kind, 1024)
+
+
+# float32 tolerance of the shared-prefix step against the unshared one (different summation orders only).
+SHARED_RTOL, SHARED_ATOL = 1e-4, 1e-5
+
+
+@pytest.mark.parametrize("kind,share_prompt,indices,accum", [
+    ("sft", False, [0, 1, 2, 3], 1),          # judge rows: the rubric shared
+    ("sft", False, [0, 1, 2, 3, 4, 5], 2),    # per micro-batch: judge rows (rubric), actor rows (header)
+    ("sft", False, [4, 5, 6, 0], 1),          # actor + judge rows: nothing shared (S = 0)
+    ("dpo", True, [0, 1, 2, 3], 1),           # judge pairs: the rubric once per micro-batch, each prompt once per pair
+    ("dpo", False, [0, 1, 2, 3], 2),          # judge pairs, concatenated forward
+    ("dpo", True, [0, 4, 5, 6], 1),           # judge + actor pairs: nothing shared (S = 0)
+])
+def test_shared_prefix_step_equals_unshared(tiny, kind, share_prompt, indices, accum):
+    model, tok = tiny
+    examples = _mixed_examples(tok, kind)
+    if kind == "dpo":
+        examples.ref_logps = np.stack([np.linspace(-60, -20, len(examples)), np.linspace(-30, -80, len(examples))],
+                                      axis=1).astype(np.float32)
+    size = 4 if len(indices) <= 4 else 8
+    shared = make_batch(examples, indices, size, accum, tok.pad_id, 1024)
+    plain = make_batch(examples, indices, size, accum, tok.pad_id, 1024, share_prefix=False)
+    judge_only = all(i < 4 for i in indices) or accum > 1
+    assert ("shared_tokens" in shared) == judge_only
+    if judge_only:  # the rubric (≥ 250 tokens) runs once: the rows' prefixes are much shorter
+        assert shared["shared_mask"].sum(axis=1).max() >= 250
+        assert shared["prefix_tokens"].shape[-1] < plain["prefix_tokens"].shape[-1]
+    if kind == "dpo":
+        micro = ts.dpo_objective(model.module, DPOSettings(share_prompt=share_prompt), 1024)
+        denom = jnp.float32(len(indices))
+    else:
+        micro = ts.sft_objective(model.module, 1024)
+        denom = jnp.float32((plain["weights"][..., None] * plain["mask"]).sum())
+    grad_fn = jax.jit(lambda p, b: ts._accumulate(micro, p, b, denom))
+    g_shared, aux_shared = grad_fn(model.params, shared)
+    g_plain, aux_plain = grad_fn(model.params, plain)
+    for key in aux_plain:
+        np.testing.assert_allclose(float(aux_shared[key]), float(aux_plain[key]), rtol=SHARED_RTOL, err_msg=key)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_plain), jax.tree.leaves(g_plain),
+                          jax.tree.leaves(g_shared)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=SHARED_RTOL, atol=SHARED_ATOL,
+                                   err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_shared_prefix_sharded_sft_step_equals_single_device_unshared(tiny):
+    """The shared prefix [A, S] is replicated while rows shard over (data, fsdp): a sharded step with it
+    equals the unshared step on one device."""
+    from mrjax.model.pretrained import param_shardings
+
+    model, tok = tiny
+    examples = tokenize_rows([(i + 1, r) for i, r in enumerate(_judge_rows() * 2)], tok, "sft", 1024)
+    train = _train_settings(batch_size=8)
+
+    def one_step(mesh, share):
+        shards = param_shardings(model.config, mesh)
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), jax.device_get(model.params), shards)
+        tx, schedule = ts.make_optimizer(train, total_steps=10)
+        shardings = ts.state_shardings(tx, shards, jax.eval_shape(lambda p: p, params), mesh)
+        module = type(model.module)(model.config, mesh=mesh)
+        step = ts.make_train_step("sft", module, tx, schedule, shardings, mesh)
+        batch = make_batch(examples, list(range(7)), 8, 1, tok.pad_id, 1024, share_prefix=share)
+        assert ("shared_tokens" in batch) == share
+        state, metrics = step(ts.init_state(params, tx, shardings), batch)
+        return jax.device_get(state.params), ts.numpy_metrics(metrics)
+
+    got = one_step(make_mesh(data=2, fsdp=2, tensor=2), True)
+    want = one_step(single_device_mesh(), False)
+    _assert_same_step(got, want, keys=("loss", "grad_norm", "num_tokens"))

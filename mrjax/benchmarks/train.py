@@ -1,0 +1,202 @@
+"""Training step time and FLOP rate on the loop's shapes, with and without shared-prefix training.
+
+    python -m mrjax.bench train --json
+
+Workloads (defaults: the embedded SmolLM2-135M-Instruct, float32, remat ``dots`` as
+``configs/smollm2.yaml``, 8 rows a step, max_length 1024, one micro-batch):
+
+- ``sft_judge``: the EFT stage's SFT step on judge-format rows of ``mrjax/data/eft_judge_rows.jsonl``
+  (the judge rubric, a question and response, then a justification ending in ``Score: X``);
+- ``dpo_actor``: DPO on actor pairs (a question, two responses);
+- ``dpo_judge``: DPO on judge pairs (the judge prompt, two judgments).
+
+Each runs with the shared prompt prefix computed once per micro-batch (``share``, the default of
+``mrjax.data.make_batch``) and without (``plain``): seconds per step (median of ``--steps`` after a
+warm-up step), FLOPs of the step by XLA's cost analysis (the step compiled with 1 and 2 layers
+unrolled, extrapolated to the model's layers: XLA counts a scanned loop's body once), the achieved
+FLOP/s and its fraction of a square float32 matmul's rate measured in the same run (``jnp.dot`` of
+two ``--matmul-size`` square matrices, jitted, median of 5).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+WORKLOADS = ("sft_judge", "dpo_actor", "dpo_judge")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF dir or .gguf")
+    p.add_argument("--rows", type=int, default=8, help="rows (SFT) or pairs (DPO) per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per workload and mode, after one warm-up")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    p.add_argument("--modes", default="share,plain", help="share (shared prompt prefix), plain, or both")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="dots")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--no-flops", action="store_true", help="skip the cost analysis (two extra compiles a case)")
+
+
+def _rows(kind: str, n: int) -> list[dict]:
+    """``n`` rows of a workload, built from the shipped EFT judge rows as the loop builds its rows."""
+    from mrjax import roles
+    from mrjax.data import judge_sft_row, read_judge_rows
+
+    judge = read_judge_rows("mrjax/data/eft_judge_rows.jsonl")
+    picks = [judge[i % len(judge)] for i in range(n)]
+    other = [judge[(i + 1) % len(judge)] for i in range(n)]  # another row's text: the rejected side
+    if kind == "sft_judge":
+        return [judge_sft_row(r) for r in picks]
+    if kind == "dpo_actor":
+        return [{"prompt": r["question"], "chosen": r["response"], "rejected": o["response"]}
+                for r, o in zip(picks, other)]
+    if kind == "dpo_judge":
+        return [{"prompt": roles.fill_judge_prompt(r["question"], r["response"]),
+                 "chosen": judge_sft_row(r)["completion"], "rejected": judge_sft_row(o)["completion"]}
+                for r, o in zip(picks, other)]
+    raise ValueError(f"workload {kind!r} is not one of {', '.join(WORKLOADS)}")
+
+
+def matmul_rate(size: int, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 [size, size] @ [size, size] (median of ``repeats`` after a warm-up)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dot(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times)
+
+
+def _compiled_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+class Case:
+    """One workload's jitted step (``mrjax.train_step.make_train_step``) on a model."""
+
+    def __init__(self, model: Any, tokenizer: Any, kind: str, rows: list[dict], max_length: int):
+        from mrjax.data import tokenize_rows
+
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.kind = "sft" if kind.startswith("sft") else "dpo"
+        self.examples = tokenize_rows(list(enumerate(rows, 1)), tokenizer, self.kind, max_length)
+
+    def batch(self, share: bool) -> dict:
+        from mrjax.data import make_batch
+
+        n = len(self.examples)
+        return make_batch(self.examples, list(range(n)), n, 1, self.tokenizer.pad_id, self.max_length,
+                          share_prefix=share)
+
+    def make_step(self, module: Any, config: Any, params_abstract: dict):
+        from mrjax import train_step as ts
+        from mrjax.config import DPOSettings, TrainSettings
+        from mrjax.model.pretrained import param_shardings
+
+        train = TrainSettings(kind=self.kind, batch_size=len(self.examples), max_length=self.max_length,
+                              learning_rate=1e-5)
+        tx, schedule = ts.make_optimizer(train, total_steps=1000)
+        shardings = ts.state_shardings(tx, param_shardings(config, self.model.mesh), params_abstract, self.model.mesh)
+        step = ts.make_train_step(self.kind, module, tx, schedule, shardings, self.model.mesh, DPOSettings(),
+                                  train.max_logits_mb)
+        abstract = ts.abstract_state(shardings, tx, params_abstract)
+        init = lambda params: ts.init_state(params, tx, shardings)  # noqa: E731
+        return step, abstract, init
+
+    def flops(self, share: bool) -> float | None:
+        """FLOPs of the step by XLA's cost analysis: 1- and 2-layer unrolled copies, extrapolated."""
+        import dataclasses
+
+        import jax
+
+        from mrjax.model.llama import Llama
+
+        batch = self.batch(share)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        full = self.model.module
+        counts = []
+        for n in (1, 2):
+            config = dataclasses.replace(self.model.config, num_layers=n)
+            module = Llama(config, dtype=full.dtype, param_dtype=full.param_dtype, remat=full.remat, mesh=full.mesh,
+                           remat_policy=full.remat_policy, unroll_layers=True)
+            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.model.params)
+            params["layers"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype),
+                                            params["layers"])
+            step, abstract, _ = self.make_step(module, config, params)
+            counts.append(_compiled_flops(step.program(abstract_batch).lower(abstract, abstract_batch).compile()))
+        one, two = counts
+        return None if one is None or two is None else one + (self.model.config.num_layers - 1) * (two - one)
+
+
+def time_step(case: Case, share: bool, steps: int) -> dict:
+    """Seconds per step (median after one warm-up step that compiles) and the last step's loss."""
+    import jax
+
+    from mrjax import train_step as ts
+
+    step, _, init = case.make_step(case.model.module, case.model.config,
+                                   jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), case.model.params))
+    state = init(case.model.params)  # a copy: the model's parameters stay valid
+    batch = case.batch(share)
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    del state
+    return {"step_s": statistics.median(times), "first_step_s": compile_s,
+            "loss": ts.numpy_metrics(metrics)["loss"],
+            "shared_tokens": int(batch["shared_mask"].sum(axis=1).max()) if "shared_mask" in batch else 0,
+            "slots": {k: int(batch[k].shape[-1]) for k in ("shared_tokens", "prefix_tokens", "tokens") if k in batch}}
+
+
+def run_cases(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
+    peak = matmul_rate(args.matmul_size)
+    out: dict[str, Any] = {"matmul_flops_per_s": peak, "matmul": f"{args.matmul_size}x{args.matmul_size} float32",
+                           "rows": args.rows, "remat": args.remat}
+    for kind in [w for w in args.workloads.split(",") if w]:
+        case = Case(model, tokenizer, kind, _rows(kind, args.rows), args.max_length)
+        for mode in [m for m in args.modes.split(",") if m]:
+            if mode not in ("share", "plain"):
+                raise ValueError(f"mode {mode!r} is not share or plain")
+            r = time_step(case, mode == "share", args.steps)
+            flops = None if args.no_flops else case.flops(mode == "share")
+            r["flops"] = flops
+            r["gflops_per_s"] = None if flops is None else flops / r["step_s"] / 1e9
+            r["fraction_of_matmul"] = None if flops is None else flops / r["step_s"] / peak
+            out[f"{kind}/{mode}"] = r
+        if "share" in args.modes and "plain" in args.modes:
+            out[f"{kind}/speedup"] = out[f"{kind}/plain"]["step_s"] / out[f"{kind}/share"]["step_s"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    import jax
+
+    from mrjax import load_pretrained
+    from mrjax.mesh import make_mesh
+
+    remat = args.remat != "none"
+    model, tokenizer = load_pretrained(args.model, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                                       remat=remat, remat_policy=args.remat if remat else "full", progress=False)
+    return run_cases(model, tokenizer, args)
