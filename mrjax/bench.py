@@ -1,6 +1,6 @@
 """Benchmarks side by side with the PyTorch / HF reference.
 
-    python -m mrjax.bench {sample,dpo,preferences} [--json]
+    python -m mrjax.bench {sample,workload,dpo,preferences,train,accelerator} [--json]
 
 Each benchmark lives in ``mrjax/benchmarks/<name>.py`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> dict``.
@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("sample", "workload", "dpo", "preferences")
+BENCHMARKS = ("sample", "workload", "dpo", "preferences", "train", "accelerator")
 
 
 def main(argv: list[str] | None = None) -> int:
