@@ -57,6 +57,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mrjax.benchmarks.common import xla_flops
+
 GiB = 2**30
 
 # (substrings of the lower-case device_kind, all required; name; peak dense bfloat16 FLOP/s; HBM bytes/s)
@@ -172,16 +174,6 @@ def abstract_params(config, param_dtype) -> dict:
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return nn.unbox(jax.eval_shape(lambda rng: Llama(config, param_dtype=param_dtype).init(rng, tokens),
                                    jax.random.key(0))["params"])
-
-
-def xla_flops(lowered) -> float | None:
-    """FLOPs of a lowered program by XLA's cost analysis (None where the backend gives none)."""
-    try:
-        cost = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def flops_over_layers(lower_with_layers: Callable[[int], Any], layers: int) -> float | None:

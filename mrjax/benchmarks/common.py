@@ -73,3 +73,13 @@ def load_reference(name: str, threads: int):
         raise SystemExit("the reference side of this benchmark supports the embedded default model only")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval(), load_tokenizer(path)
+
+
+def xla_flops(program) -> float | None:
+    """FLOPs of a lowered or compiled program by XLA's cost analysis (None where the backend gives none)."""
+    try:
+        cost = program.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None

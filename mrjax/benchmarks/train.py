@@ -24,7 +24,8 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
+
+from mrjax.benchmarks.common import xla_flops
 
 WORKLOADS = ("sft_judge", "dpo_actor", "dpo_judge")
 
@@ -75,15 +76,6 @@ def matmul_rate(size: int, repeats: int = 5) -> float:
         dot(a, a).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * size**3 / statistics.median(times)
-
-
-def _compiled_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 class Case:
@@ -138,7 +130,7 @@ class Case:
             params["layers"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype),
                                             params["layers"])
             step, abstract, _ = self.make_step(module, config, params)
-            counts.append(_compiled_flops(step.program(abstract_batch).lower(abstract, abstract_batch).compile()))
+            counts.append(xla_flops(step.program(abstract_batch).lower(abstract, abstract_batch).compile()))
         one, two = counts
         return None if one is None or two is None else one + (self.model.config.num_layers - 1) * (two - one)
 
