@@ -421,11 +421,32 @@ def bucket_length(n: int, minimum: int, maximum: int) -> int:
     return max(min(size, int(maximum)), int(n))
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The example order of an epoch: a permutation fixed by (seed, epoch)."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True,
+                groups: Sequence[Any] | None = None) -> np.ndarray:
+    """The example order of an epoch: a permutation fixed by (seed, epoch).
+
+    With ``groups`` (a key per example), each group's members follow its first member in that
+    permutation, so examples of one key fill batches together (the loop's judge pairs all start with
+    the judge rubric: in one micro-batch it runs once) while the groups keep a random place."""
     if not shuffle:
         return np.arange(n)
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    if groups is None:
+        return order
+    members: dict[Any, list[int]] = {}
+    for i in order:
+        members.setdefault(groups[i], []).append(int(i))
+    return np.asarray([i for group in members.values() for i in group], np.int64)
+
+
+# Examples whose prompts agree on this many first tokens are batched together (a judge prompt's first
+# 64 tokens are the rubric's; two actor prompts part within the user's words after the chat header).
+GROUP_PREFIX_TOKENS = 64
+
+
+def prefix_groups(examples: Examples, length: int = GROUP_PREFIX_TOKENS) -> list[bytes]:
+    """A key per example: its prompt's first ``length`` tokens."""
+    return [np.asarray(p[:length], np.int32).tobytes() for p in examples.prompts]
 
 
 # A prompt prefix common to a micro-batch's rows runs once when it is at least this long (shorter, the
@@ -550,7 +571,8 @@ class DataPosition:
 
 class Batcher:
     """Deterministic batches: step s is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``,
-    each epoch a fresh (seed, epoch) permutation; the last batch of an epoch may be short
+    each epoch a fresh (seed, epoch) permutation with rows of one prompt template kept together
+    (``prefix_groups``); the last batch of an epoch may be short
     (padded with weight-0 rows), so every example is seen exactly once per epoch."""
 
     def __init__(
@@ -570,6 +592,7 @@ class Batcher:
         )
         self.steps_per_epoch = -(-len(examples) // batch_size)
         self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), made once per epoch
+        self.groups = prefix_groups(examples)  # rows of one prompt template share batches (and their prefix)
 
     def position(self, step: int) -> DataPosition:
         return DataPosition(step // self.steps_per_epoch, step % self.steps_per_epoch)
@@ -577,7 +600,8 @@ class Batcher:
     def indices(self, step: int) -> np.ndarray:
         pos = self.position(step)
         if self._epoch_order is None or self._epoch_order[0] != pos.epoch:
-            self._epoch_order = (pos.epoch, epoch_order(len(self.examples), self.seed, pos.epoch, self.shuffle))
+            self._epoch_order = (pos.epoch, epoch_order(len(self.examples), self.seed, pos.epoch, self.shuffle,
+                                                        self.groups))
         order = self._epoch_order[1]
         return order[pos.batch * self.batch_size: (pos.batch + 1) * self.batch_size]
 
@@ -604,6 +628,7 @@ __all__ = [
     "DataError",
     "DataPosition",
     "Examples",
+    "GROUP_PREFIX_TOKENS",
     "SEED_PROMPTS",
     "bucket_length",
     "dedupe_prompts",
@@ -619,6 +644,7 @@ __all__ = [
     "write_text",
     "end_of_turn_text",
     "epoch_order",
+    "prefix_groups",
     "load_examples",
     "MIN_SHARED_TOKENS",
     "common_prefix_length",

@@ -383,8 +383,9 @@ class MetaRewardingRun:
     ) -> list[list[dict]]:
         """``n`` samples for each prompt, ``shard_prompts`` (default ``shard_size``) prompts per shard
         file; existing shards are reused. Returns per prompt a list of {"text", "tokens",
-        "finish_reason"[, "value"]}. ``read(tokenizer)`` (expected modes: ``expected_scores``,
-        ``expected_verdicts``) adds a per-sample "value", read after each row's text as it is generated."""
+        "finish_reason"[, "value", "ids"]}. ``read(tokenizer)`` (expected modes: ``expected_scores``,
+        ``expected_verdicts``) adds a per-sample "value", read after each row's text as it is generated,
+        and the generated "ids" it was read after."""
         from mrjax.sampling import generate
 
         size = shard_prompts or self.it.shard_size
@@ -435,8 +436,9 @@ class MetaRewardingRun:
                         for s in range(n):
                             row = {"i": j * size + i, "s": s, "text": texts[i][s], "tokens": result.lengths[i][s],
                                    "finish_reason": result.finish_reasons[i][s]}
-                            if values is not None:
+                            if values is not None:  # with the ids it was read after, so it can be checked
                                 row["value"] = values[i][s]
+                                row["ids"] = result.token_ids[i][s]
                             rows.append(row)
                             tokens_made += result.lengths[i][s]
                     write_jsonl(path, rows)
@@ -666,6 +668,10 @@ class MetaRewardingRun:
                 errors.append(abs(value - row["score"]))
         info.update(stats.as_dict("judge_"))
         info["judge_mean_abs_error"] = mean_or_none(errors)
+        info["judge_mean_abs_error_low"], info["judge_mean_abs_error_high"] = _mean_interval(errors)
+        # The same error for a constant guess of the rows' mean score: the baseline a judge must beat.
+        truth = np.asarray([r["score"] for r in judge_rows], np.float64)
+        info["judge_constant_guess_error"] = float(np.abs(truth - truth.mean()).mean()) if len(truth) else None
         if e.eval_meta_judge_rows:
             meta_rows = read_meta_judge_rows(e.eval_meta_judge_rows)[: e.eval_rows]
             prompts = [roles.fill_meta_judge_prompt(r["question"], r["response"], r["judgment_a"], r["judgment_b"])
@@ -680,6 +686,7 @@ class MetaRewardingRun:
                     right.append(float(winner == row["winner"]))
             info.update(stats.as_dict("meta_judge_"))
             info["meta_judge_accuracy"] = mean_or_none(right)
+            info["meta_judge_accuracy_low"], info["meta_judge_accuracy_high"] = _mean_interval(right)
         return info
 
     def stage_eft_train(self, base: str, where: Path) -> dict:
@@ -1170,6 +1177,13 @@ def _tensorboard(root: Path, summaries: list[dict]) -> None:
             for key, value in _flat(summary).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
                     writer.add_scalar(f"iteration/{key}", value, summary["iteration"])
+
+
+def _mean_interval(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The 95% bootstrap interval of mean(values), or (None, None) with no values."""
+    from mrjax.stats import bootstrap_mean_interval
+
+    return bootstrap_mean_interval(values) if len(values) else (None, None)
 
 
 def _figures(marker: dict) -> dict:

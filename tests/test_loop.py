@@ -114,6 +114,80 @@ def test_tiny_run_holds_out_pairs_and_scores_them(tiny_run):
     assert "held-out accuracy       0.5 -> " in done.stderr and "trained pairs, after" in done.stderr
 
 
+def _read_after(hf_tok, model, prompt, ids, text_to_read):
+    """Log-probs [V] (float64) of the token after ``text_to_read`` answering ``prompt``, by transformers:
+    the generated ``ids`` whose text starts it, then the rest of it tokenised."""
+    import torch
+
+    stop = set(hf_tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    ids = ids[:-1] if ids and ids[-1] in stop else ids
+    k = max(k for k in range(len(ids) + 1) if text_to_read.startswith(hf_tok.decode(ids[:k], skip_special_tokens=True)))
+    rest = text_to_read[len(hf_tok.decode(ids[:k], skip_special_tokens=True)):]
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    full = (hf_tok.encode(chat, add_special_tokens=False) + list(ids[:k])
+            + hf_tok.encode(rest, add_special_tokens=False))
+    with torch.no_grad():
+        logits = model(torch.tensor([full])).logits[0, -1].double()
+    return torch.log_softmax(logits, -1).numpy()
+
+
+@pytest.mark.slow
+def test_tiny_run_expected_scores_and_verdicts_recomputed_by_transformers(tiny_run):
+    """Iteration 1's expected judge scores and calibrated meta-judge verdicts (read by M_0 during generation)
+    recomputed by an independent path: transformers' Llama on the EFT export, fed the generated ids stored
+    with each value. Scores agree to float32 tolerance and every verdict is the same, so a reversed A/B,
+    a wrong digit order or a wrong calibration would fail."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from mrjax import roles
+    from mrjax.data import prompt_question
+
+    run_dir, _ = tiny_run
+    hf_tok = AutoTokenizer.from_pretrained(run_dir / "eft" / "hf")
+    model = LlamaForCausalLM.from_pretrained(run_dir / "eft" / "hf", torch_dtype=torch.float32).eval()
+    digits = [hf_tok.encode(f"Score: {d}", add_special_tokens=False)[-1] for d in range(6)]
+    a, b = (hf_tok.encode(f"Winner: Judgement {x}", add_special_tokens=False)[-1] for x in "AB")
+    assert len(set(digits)) == 6 and a != b
+
+    it = run_dir / "iter_1"
+    prompts = {r["id"]: prompt_question(r["prompt"]) for r in rows(it / "prompts.jsonl")}
+    responses = {(r["prompt_id"], r["k"]): r["response"] for r in rows(it / "responses.jsonl")}
+    judgments = rows(it / "judgments.jsonl")
+    shard_rows = [r for f in sorted((it / "shards" / "judgments").glob("*.jsonl")) for r in rows(f)]
+    assert len(shard_rows) == len(judgments)
+    checked = 0
+    for judgment, shard in zip(judgments, sorted(shard_rows, key=lambda r: (r["i"], r["s"]))):
+        assert shard["text"] == judgment["judgment"] and judgment["status"] == "expected"
+        prompt = roles.fill_judge_prompt(prompts[judgment["prompt_id"]], responses[(judgment["prompt_id"], judgment["k"])])
+        logp = _read_after(hf_tok, model, prompt, shard["ids"], roles.expected_score_text(judgment["judgment"]))
+        p = np.exp(logp[digits] - logp[digits].max())
+        assert judgment["score"] == pytest.approx(float((p / p.sum()) @ np.arange(6)), abs=2e-3)
+        checked += 1
+
+    judged = {(r["prompt_id"], r["k"], r["n"]): r["judgment"] for r in judgments}
+    metas = rows(it / "meta_judgments.jsonl")
+    shard_rows = [r for f in sorted((it / "shards" / "meta_judgments").glob("*.jsonl")) for r in rows(f)]
+    assert metas and len(shard_rows) == len(metas)
+    margins, theirs = {}, []
+    for meta, shard in zip(metas, sorted(shard_rows, key=lambda r: (r["i"], r["s"]))):
+        assert shard["text"] == meta["text"]
+        key = (meta["prompt_id"], meta["k"])
+        prompt = roles.fill_meta_judge_prompt(prompts[meta["prompt_id"]], responses[key],
+                                              judged[key + (meta["m"],)], judged[key + (meta["n"],)])
+        logp = _read_after(hf_tok, model, prompt, shard["ids"], roles.expected_verdict_text(meta["text"]))
+        margin = logp[a] - logp[b]  # log p(A) - log p(B): A is judgment m, shown first
+        assert meta["margin"] == pytest.approx(margin, abs=2e-3)
+        margins.setdefault(key, []).append(margin)
+        theirs.append(margin)
+    for meta, margin in zip(metas, theirs):
+        threshold = float(np.median(margins[(meta["prompt_id"], meta["k"])]))  # calibrated by the response's calls
+        if abs(margin - threshold) > 1e-2:  # the same verdict unless the margin sits on its median
+            assert meta["winner"] == ("A" if margin > threshold else "B")
+            checked += 1
+    assert checked > 20
+
+
 def _tiers(scores, rho):
     hi, lo = max(scores), min(scores)
     top = [s >= (1 - rho) * hi + rho * lo - 1e-5 for s in scores]

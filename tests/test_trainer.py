@@ -8,8 +8,8 @@ import pytest
 
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import load_config
-from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch, read_rows,
-                        tokenize_rows, write_jsonl)
+from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch, prefix_groups,
+                        read_rows, tokenize_rows, write_jsonl)
 from mrjax.trainer import Trainer, TrainingError
 
 
@@ -112,6 +112,7 @@ def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
 
     class FakeExamples:
         kind, repeats = "sft", 1
+        prompts = [np.arange(100) + i for i in range(10)]  # ten distinct templates
 
         def __len__(self):
             return 10
@@ -124,6 +125,40 @@ def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
     assert not np.array_equal(epoch_order(10, 3, 0), epoch_order(10, 3, 1))
     np.testing.assert_array_equal(b.indices(4), Batcher(FakeExamples(), 4, 1, 3, 0, 8).indices(4))
     assert (b.position(7).epoch, b.position(7).batch) == (2, 1)
+    np.testing.assert_array_equal(b.indices(0), epoch_order(10, 3, 0)[:4])  # distinct templates: plain order
+
+
+def test_epoch_order_keeps_a_template_together():
+    # Rows 1, 4, 6, 9 share a 64-token rubric and differ after it; the others are distinct prompts.
+    rubric = np.arange(64) + 1000
+    prompts = [np.concatenate([rubric, [i]]) if i in (1, 4, 6, 9) else np.arange(80) + 100 * i for i in range(10)]
+
+    class FakeExamples:
+        kind, repeats = "sft", 1
+
+        def __len__(self):
+            return 10
+
+    FakeExamples.prompts = prompts
+    groups = prefix_groups(FakeExamples())
+    assert len(set(groups)) == 7
+    firsts = set()
+    for epoch in range(6):
+        order = epoch_order(10, 3, epoch, groups=groups)
+        assert sorted(order) == list(range(10))
+        plain = list(epoch_order(10, 3, epoch))
+        at = [list(order).index(i) for i in (1, 4, 6, 9)]
+        assert max(at) - min(at) == 3  # contiguous
+        # the group sits where its first member fell in the plain permutation; the rest keep their order
+        first = min(plain.index(i) for i in (1, 4, 6, 9))
+        assert min(at) == first
+        assert [i for i in order if i not in (1, 4, 6, 9)] == [i for i in plain if i not in (1, 4, 6, 9)]
+        assert [i for i in order if i in (1, 4, 6, 9)] == [i for i in plain if i in (1, 4, 6, 9)]
+        firsts.add(first)
+    assert len(firsts) > 1  # the group's place is random
+    b = Batcher(FakeExamples(), batch_size=4, micro_batches=1, seed=3, pad_id=0, max_length=8)
+    np.testing.assert_array_equal(np.concatenate([b.indices(k) for k in range(3)]),
+                                  epoch_order(10, 3, 0, groups=groups))
 
 
 # ---------------------------------------------------------------- training runs

@@ -16,6 +16,12 @@ warm-up step), FLOPs of the step by XLA's cost analysis (the step compiled with 
 unrolled, extrapolated to the model's layers: XLA counts a scanned loop's body once), the achieved
 FLOP/s and its fraction of a square float32 matmul's rate measured in the same run (``jnp.dot`` of
 two ``--matmul-size`` square matrices, jitted, median of 5).
+
+With ``--reference trl`` (the default when TRL imports), TRL's ``SFTTrainer`` / ``DPOTrainer`` train
+on the same rows in the same process (the same weights, exported to an HF directory; float32, no
+gradient checkpointing, reference log-probs precomputed for DPO, a batch of ``--rows``): its seconds
+per step (median after a warm-up step) and ``trl_ratio`` = TRL's step time / mrjax's shared-prefix
+step time.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remat", choices=("none", "full", "dots"), default="dots")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--no-flops", action="store_true", help="skip the cost analysis (two extra compiles a case)")
+    p.add_argument("--reference", choices=("auto", "trl", "none"), default="auto",
+                   help="TRL's SFTTrainer/DPOTrainer on the same rows (auto: when TRL imports)")
 
 
 def _rows(kind: str, n: int) -> list[dict]:
@@ -162,6 +170,77 @@ def time_step(case: Case, share: bool, steps: int) -> dict:
             "slots": {k: int(batch[k].shape[-1]) for k in ("shared_tokens", "prefix_tokens", "tokens") if k in batch}}
 
 
+def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_length: int, out_dir: Any) -> dict:
+    """TRL's trainer for ``kind`` on ``rows`` (one batch of all of them a step), ``steps`` + 1 steps:
+    the median step time after the first, and the tokens TRL fed its first step."""
+    import contextlib
+    import sys
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    common = dict(output_dir=str(out_dir), per_device_train_batch_size=len(rows), gradient_accumulation_steps=1,
+                  max_steps=steps + 1, learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0,
+                  max_grad_norm=1.0, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+                  bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                  gradient_checkpointing=False, max_length=max_length)
+    if kind.startswith("sft"):
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"prompt": user(r["prompt"]), "completion": assistant(r["completion"])}
+                                  for r in rows] * (steps + 1))
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common, completion_only_loss=True, packing=False),
+                             train_dataset=data, processing_class=tok, callbacks=[Timer()])
+        tokens = [len(x["input_ids"]) for x in trainer.train_dataset.select(range(len(rows)))]
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        data = Dataset.from_list([{"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]),
+                                   "rejected": assistant(r["rejected"])} for r in rows] * (steps + 1))
+        config = DPOConfig(**common, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+                           precompute_ref_batch_size=len(rows))
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[Timer()])
+        tokens = [len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["prompt_ids"]) + len(x["rejected_ids"])
+                  for x in trainer.train_dataset.select(range(len(rows)))]
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        trainer.train()
+    del trainer, model
+    return {"step_s": statistics.median(times[1:]), "first_step_s": times[0], "tokens_per_step": sum(tokens),
+            "version": __import__("trl").__version__, "threads": torch.get_num_threads()}
+
+
+def _trl_available(choice: str) -> bool:
+    if choice == "none":
+        return False
+    try:
+        import trl  # noqa: F401 (is it installed? a bench/dev extra, never the runtime's)
+    except ImportError:
+        if choice == "trl":
+            raise
+        return False
+    return True
+
+
 def run_cases(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     peak = matmul_rate(args.matmul_size)
     out: dict[str, Any] = {"matmul_flops_per_s": peak, "matmul": f"{args.matmul_size}x{args.matmul_size} float32",
@@ -179,6 +258,21 @@ def run_cases(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             out[f"{kind}/{mode}"] = r
         if "share" in args.modes and "plain" in args.modes:
             out[f"{kind}/speedup"] = out[f"{kind}/plain"]["step_s"] / out[f"{kind}/share"]["step_s"]
+        if _trl_available(getattr(args, "reference", "none")):
+            import tempfile
+            from pathlib import Path
+
+            from mrjax.benchmarks.dpo import release_memory
+
+            with tempfile.TemporaryDirectory() as tmp:
+                hf_dir = model.save_pretrained(Path(tmp) / "hf", tokenizer)
+                ref = trl_step_seconds(hf_dir, kind, _rows(kind, args.rows), args.steps, args.max_length,
+                                       Path(tmp) / "trl")
+            release_memory()
+            out[f"{kind}/trl"] = ref
+            ours = out.get(f"{kind}/share", out.get(f"{kind}/plain"))
+            if ours:
+                out[f"{kind}/trl_ratio"] = ref["step_s"] / ours["step_s"]
     return out
 
 

@@ -267,6 +267,14 @@ def _interval(figures: dict, name: str) -> str:
     return f"{_f(figures[name], 3)} [{_f(figures[name + '_low'], 3)}, {_f(figures[name + '_high'], 3)}]"
 
 
+def _with_interval(figures: dict, name: str, digits: int = 2, pct: bool = False) -> str:
+    """``value [low, high]`` when the figures carry an interval, else the value alone."""
+    if figures.get(f"{name}_low") is None:
+        return _f(figures.get(name), digits, pct)
+    return (f"{_f(figures.get(name), digits, pct)} [{_f(figures[name + '_low'], digits, pct)}, "
+            f"{_f(figures[name + '_high'], digits, pct)}]")
+
+
 def _before_after(before: dict | None, after: dict | None, name: str) -> str:
     if not before or not after:
         return "-"
@@ -293,10 +301,13 @@ def run_table(root: str | Path) -> str:
             f"{_f(it['wall_s'].get(s), 0)}, {_f(it['tokens_per_s'].get(s), 0)}" if s in it["wall_s"] else "-"))
     row("  training (s)", _f(train.get("wall_s"), 0), lambda it: _f(it["wall_s"].get("train"), 0))
     row("judge parse rate", ba("judge_parse_rate", pct=True), lambda it: _f(it["judge_parse_rate"], pct=True))
-    row("judge mean abs. error", ba("judge_mean_abs_error", digits=2), lambda it: "")
+    row("judge mean abs. error", f"{_f(before.get('judge_mean_abs_error'), 2)} -> "
+        f"{_with_interval(after, 'judge_mean_abs_error')}", lambda it: "")
+    row("  a constant guess's error", _f(after.get("judge_constant_guess_error"), 2), lambda it: "")
     row("meta-judge parse rate", ba("meta_judge_parse_rate", pct=True),
         lambda it: _f(it["meta_judge_parse_rate"], pct=True))
-    row("meta-judge accuracy", ba("meta_judge_accuracy", pct=True), lambda it: "")
+    row("meta-judge accuracy", f"{_f(before.get('meta_judge_accuracy'), pct=True)} -> "
+        f"{_with_interval(after, 'meta_judge_accuracy', pct=True)}", lambda it: "")
     row("mean response chars", "", lambda it: _f(it["mean_response_chars"], 0))
     row("pairs: actor / judge", "", lambda it: f"{it['actor_pairs']} / {it['judge_pairs']}")
     row("DPO pairs trained / held out", "", lambda it: f"{it['dpo_pairs'] or 0} / {it['dpo_held_out_pairs'] or 0}")
@@ -334,11 +345,14 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
         b.append(("table", ["", "before EFT", "after EFT"], [
             ["judge parse rate (held-out rows)", _f(before.get("judge_parse_rate"), pct=True),
              _f(after.get("judge_parse_rate"), pct=True)],
-            ["judge mean abs. error", _f(before.get("judge_mean_abs_error"), 2), _f(after.get("judge_mean_abs_error"), 2)],
+            ["judge mean abs. error [95% interval]", _with_interval(before, "judge_mean_abs_error"),
+             _with_interval(after, "judge_mean_abs_error")],
+            ["a constant guess's mean abs. error (the rows' mean score)",
+             _f(before.get("judge_constant_guess_error"), 2), _f(after.get("judge_constant_guess_error"), 2)],
             ["meta-judge parse rate", _f(before.get("meta_judge_parse_rate"), pct=True),
              _f(after.get("meta_judge_parse_rate"), pct=True)],
-            ["meta-judge accuracy (parsed verdicts)", _f(before.get("meta_judge_accuracy"), pct=True),
-             _f(after.get("meta_judge_accuracy"), pct=True)],
+            ["meta-judge accuracy (parsed verdicts) [95% interval]", _with_interval(before, "meta_judge_accuracy", pct=True),
+             _with_interval(after, "meta_judge_accuracy", pct=True)],
         ]))
     if its:
         b.append(("h", 2, "Iterations"))
