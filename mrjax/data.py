@@ -421,22 +421,11 @@ def bucket_length(n: int, minimum: int, maximum: int) -> int:
     return max(min(size, int(maximum)), int(n))
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True,
-                groups: Sequence[Any] | None = None) -> np.ndarray:
-    """The example order of an epoch: a permutation fixed by (seed, epoch).
-
-    With ``groups`` (a key per example), each group's members follow its first member in that
-    permutation, so examples of one key fill batches together (the loop's judge pairs all start with
-    the judge rubric: in one micro-batch it runs once) while the groups keep a random place."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The example order of an epoch: a permutation fixed by (seed, epoch)."""
     if not shuffle:
         return np.arange(n)
-    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-    if groups is None:
-        return order
-    members: dict[Any, list[int]] = {}
-    for i in order:
-        members.setdefault(groups[i], []).append(int(i))
-    return np.asarray([i for group in members.values() for i in group], np.int64)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
 # Examples whose prompts agree on this many first tokens are batched together (a judge prompt's first
@@ -447,6 +436,47 @@ GROUP_PREFIX_TOKENS = 64
 def prefix_groups(examples: Examples, length: int = GROUP_PREFIX_TOKENS) -> list[bytes]:
     """A key per example: its prompt's first ``length`` tokens."""
     return [np.asarray(p[:length], np.int32).tobytes() for p in examples.prompts]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """The padded lengths of every batch of one group, so that a group compiles one program (XLA
+    compiles a program per shape, which costs a minute or more a program on a 2-core CPU)."""
+
+    shared_tokens: int  # prompt tokens all of the group's rows start with, run once per micro-batch (0: none)
+    prefix_len: int  # slots for each row's prompt after the shared part (without its last token)
+    length: int  # slots for a completion
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchGroup:
+    members: np.ndarray  # example indices, in file order
+    shape: BatchShape
+
+
+def batch_groups(examples: Examples, batch_size: int, max_length: int, min_bucket: int = 16) -> list[BatchGroup]:
+    """The groups that batches never mix: each prompt template (``prefix_groups``) with at least
+    ``batch_size`` rows (the loop's judge pairs, the EFT stage's judge rows, its meta-judge rows), then
+    all other rows together; in the order of their first rows. Each with the shape its batches pad to:
+    the shared part is the prefix common to all of the group's rows (when at least MIN_SHARED_TOKENS)."""
+    by_key: dict[bytes, list[int]] = {}
+    for i, key in enumerate(prefix_groups(examples)):
+        by_key.setdefault(key, []).append(i)
+    groups = [m for m in by_key.values() if len(m) >= batch_size]
+    rest = sorted(i for m in by_key.values() if len(m) < batch_size for i in m)
+    groups = sorted(groups + ([rest] if rest else []), key=lambda m: m[0])
+    out = []
+    for members in groups:
+        heads = [examples.prompts[i][:-1] for i in members]
+        shared = common_prefix_length(heads) if len(members) > 1 else 0
+        shared = shared if shared >= MIN_SHARED_TOKENS else 0
+        shape = BatchShape(
+            shared,
+            bucket_length(max(len(h) for h in heads) - shared, min_bucket, max_length),
+            bucket_length(max(len(c) for i in members for c in examples.completions[i]), min_bucket, max_length),
+        )
+        out.append(BatchGroup(np.asarray(members, np.int64), shape))
+    return out
 
 
 # A prompt prefix common to a micro-batch's rows runs once when it is at least this long (shorter, the
@@ -473,6 +503,7 @@ def make_batch(
     max_length: int,
     min_bucket: int = 16,
     share_prefix: bool = True,
+    shape: BatchShape | None = None,
 ) -> dict[str, np.ndarray]:
     """Numpy arrays [A, b, ...] (A = micro_batches, b = batch_size / A) for ``mrjax.train_step``.
 
@@ -484,6 +515,9 @@ def make_batch(
     (left-padded), and the rows' ``prefix_*`` hold only the rest of their prompt (positions continuing
     after the shared part): the step runs the shared part once per micro-batch, not once per row.
     Otherwise there are no ``shared_*`` keys and ``prefix_*`` hold the whole prompt.
+
+    With a ``shape`` (the rows' ``batch_groups`` group's), the shared part is the group's and the
+    arrays have the group's lengths, whatever rows the batch holds.
     """
     if not 0 < len(indices) <= batch_size or batch_size % micro_batches:
         raise ValueError(f"{len(indices)} indices for a batch of {batch_size} in {micro_batches} micro-batches")
@@ -496,7 +530,9 @@ def make_batch(
 
     # Tokens of each row's head that go to its micro-batch's shared part (the rows' common prefix).
     shared_of = np.zeros(batch_size, np.int64)
-    if share_prefix:
+    if share_prefix and shape is not None:  # every row of the group starts with its shared part
+        shared_of[:] = shape.shared_tokens
+    elif share_prefix:
         for a in range(micro_batches):
             # Nothing is shared among fewer than two real rows (padding rows, copies of the first row, are
             # included so that every row starts with its micro-batch's shared part).
@@ -507,6 +543,10 @@ def make_batch(
     shared_len = bucket_length(int(shared_of.max()), min_bucket, max_length) if shared_of.max() else 0
     prefix_len = bucket_length(max(len(h) - s for h, s in zip(heads, shared_of)), min_bucket, max_length)
     length = bucket_length(max(len(c) for i in rows for c in examples.completions[i]), min_bucket, max_length)
+    if shape is not None and share_prefix:
+        if prefix_len > shape.prefix_len or length > shape.length:
+            raise ValueError(f"rows longer than their group's shape {shape}")
+        prefix_len, length = shape.prefix_len, shape.length
 
     prefix_tokens = np.full((batch_size, prefix_len), pad_id, np.int32)
     prefix_positions = np.zeros((batch_size, prefix_len), np.int32)
@@ -570,10 +610,13 @@ class DataPosition:
 
 
 class Batcher:
-    """Deterministic batches: step s is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``,
-    each epoch a fresh (seed, epoch) permutation with rows of one prompt template kept together
-    (``prefix_groups``); the last batch of an epoch may be short
-    (padded with weight-0 rows), so every example is seen exactly once per epoch."""
+    """Deterministic batches: step s is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``.
+
+    Batches never mix ``batch_groups`` (rows of one prompt template run its prefix once and share one
+    compiled shape). Each epoch a fresh (seed, epoch) permutation orders the rows; each group's rows,
+    in that order, are cut into batches, and (with several groups) the batches are shuffled. A
+    group's last batch may be short (padded with weight-0 rows), so every example is seen exactly
+    once per epoch. With one group this is the permutation cut into consecutive batches."""
 
     def __init__(
         self,
@@ -590,40 +633,61 @@ class Batcher:
         self.seed, self.pad_id, self.max_length, self.shuffle, self.min_bucket = (
             seed, pad_id, max_length, shuffle, min_bucket
         )
-        self.steps_per_epoch = -(-len(examples) // batch_size)
-        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), made once per epoch
-        self.groups = prefix_groups(examples)  # rows of one prompt template share batches (and their prefix)
+        self.groups = batch_groups(examples, batch_size, max_length, min_bucket)
+        self.steps_per_epoch = steps_per_epoch(self.groups, batch_size)
+        self._epoch: tuple[int, list[tuple[np.ndarray, BatchShape]]] | None = None  # made once per epoch
 
     def position(self, step: int) -> DataPosition:
         return DataPosition(step // self.steps_per_epoch, step % self.steps_per_epoch)
 
+    def _batches(self, epoch: int) -> list[tuple[np.ndarray, BatchShape]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rank = np.empty(len(self.examples), np.int64)
+            rank[epoch_order(len(self.examples), self.seed, epoch, self.shuffle)] = np.arange(len(self.examples))
+            batches = []
+            for group in self.groups:
+                members = group.members[np.argsort(rank[group.members], kind="stable")]
+                batches += [(members[i:i + self.batch_size], group.shape)
+                            for i in range(0, len(members), self.batch_size)]
+            if self.shuffle and len(self.groups) > 1:
+                order = np.random.default_rng([int(self.seed), int(epoch), 1]).permutation(len(batches))
+                batches = [batches[i] for i in order]
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
+
     def indices(self, step: int) -> np.ndarray:
         pos = self.position(step)
-        if self._epoch_order is None or self._epoch_order[0] != pos.epoch:
-            self._epoch_order = (pos.epoch, epoch_order(len(self.examples), self.seed, pos.epoch, self.shuffle,
-                                                        self.groups))
-        order = self._epoch_order[1]
-        return order[pos.batch * self.batch_size: (pos.batch + 1) * self.batch_size]
+        return self._batches(pos.epoch)[pos.batch][0]
 
     def batch(self, step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        idx = self.indices(step)
+        pos = self.position(step)
+        idx, shape = self._batches(pos.epoch)[pos.batch]
         return (
             make_batch(self.examples, idx, self.batch_size, self.micro_batches, self.pad_id, self.max_length,
-                       self.min_bucket),
+                       self.min_bucket, shape=shape),
             idx,
         )
+
+
+def steps_per_epoch(groups: Sequence[BatchGroup], batch_size: int) -> int:
+    """Batches in an epoch: each group's rows, ``batch_size`` at a time."""
+    return sum(-(-len(g.members) // batch_size) for g in groups)
 
 
 def sequential_batches(
     examples: Examples, batch_size: int, pad_id: int, max_length: int, min_bucket: int = 16
 ) -> Iterable[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """All examples in file order, ``batch_size`` at a time (for reference log-probs and evaluation)."""
-    for start in range(0, len(examples), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(examples)))
-        yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, min_bucket), idx
+    """All examples, ``batch_size`` at a time, group by group (``batch_groups``: one shape a group), each
+    group in file order (for reference log-probs and evaluation)."""
+    for group in batch_groups(examples, batch_size, max_length, min_bucket):
+        for start in range(0, len(group.members), batch_size):
+            idx = group.members[start:start + batch_size]
+            yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, min_bucket, shape=group.shape), idx
 
 
 __all__ = [
+    "BatchGroup",
+    "BatchShape",
     "Batcher",
     "DataError",
     "DataPosition",
@@ -645,6 +709,8 @@ __all__ = [
     "end_of_turn_text",
     "epoch_order",
     "prefix_groups",
+    "batch_groups",
+    "steps_per_epoch",
     "load_examples",
     "MIN_SHARED_TOKENS",
     "common_prefix_length",

@@ -998,8 +998,10 @@ class MetaRewardingRun:
         seed = self.config.seed
         if held is not None:
             held = trainer.attach_reference(held, "eval")
-            # The policy before training is the reference itself: a DPO (sigmoid) loss of ln 2, margins 0.
-            figures["held_out_before"] = dpo_figures(trainer.pair_metrics(held), seed)
+            # Before training the policy is the reference itself: by definition every margin is 0 and the
+            # DPO (sigmoid) loss ln 2 (not recomputed: a forward pass over the pairs would only say so).
+            ties = np.zeros(len(held))
+            figures["held_out_before"] = dpo_figures({"loss": ties + math.log(2), "rewards/margins": ties}, seed)
         result = trainer.train(examples, held)
         if self.on_trained is not None:
             self.on_trained(hf_dir, result)

@@ -31,7 +31,8 @@ import numpy as np
 from mrjax import train_step as ts
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import Config, ConfigError, to_dict
-from mrjax.data import Batcher, Examples, load_examples, sequential_batches, write_text
+from mrjax.data import (Batcher, Examples, batch_groups, load_examples, sequential_batches, steps_per_epoch,
+                        write_text)
 from mrjax.mesh import agreed, batch_ways, fetch, is_main_process
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,9 @@ class Trainer:
 
     def total_steps(self, examples: Examples) -> int:
         t = self.train_settings
-        return t.max_steps if t.max_steps > 0 else t.epochs * math.ceil(len(examples) / t.batch_size)
+        if t.max_steps > 0:
+            return t.max_steps
+        return t.epochs * steps_per_epoch(batch_groups(examples, t.batch_size, t.max_length, t.min_bucket), t.batch_size)
 
     def train(
         self,

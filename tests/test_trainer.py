@@ -8,7 +8,7 @@ import pytest
 
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import load_config
-from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch, prefix_groups,
+from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch,
                         read_rows, tokenize_rows, write_jsonl)
 from mrjax.trainer import Trainer, TrainingError
 
@@ -112,7 +112,8 @@ def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
 
     class FakeExamples:
         kind, repeats = "sft", 1
-        prompts = [np.arange(100) + i for i in range(10)]  # ten distinct templates
+        prompts = [np.arange(100) + 100 * i for i in range(10)]  # ten distinct templates
+        completions = [(np.arange(5),)] * 10
 
         def __len__(self):
             return 10
@@ -128,37 +129,41 @@ def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
     np.testing.assert_array_equal(b.indices(0), epoch_order(10, 3, 0)[:4])  # distinct templates: plain order
 
 
-def test_epoch_order_keeps_a_template_together():
-    # Rows 1, 4, 6, 9 share a 64-token rubric and differ after it; the others are distinct prompts.
-    rubric = np.arange(64) + 1000
-    prompts = [np.concatenate([rubric, [i]]) if i in (1, 4, 6, 9) else np.arange(80) + 100 * i for i in range(10)]
+def test_batches_keep_a_template_together_with_one_shape():
+    """Rows 1, 4, 6, 9 share a 64-token rubric (a group as large as a batch); the six others are distinct
+    prompts (the rest). Batches never mix the two, every row comes once per epoch, a group's batches have
+    its shape (the rubric as the shared part), and the order changes with the epoch."""
+    from mrjax.data import Examples, batch_groups
 
-    class FakeExamples:
-        kind, repeats = "sft", 1
-
-        def __len__(self):
-            return 10
-
-    FakeExamples.prompts = prompts
-    groups = prefix_groups(FakeExamples())
-    assert len(set(groups)) == 7
-    firsts = set()
-    for epoch in range(6):
-        order = epoch_order(10, 3, epoch, groups=groups)
-        assert sorted(order) == list(range(10))
-        plain = list(epoch_order(10, 3, epoch))
-        at = [list(order).index(i) for i in (1, 4, 6, 9)]
-        assert max(at) - min(at) == 3  # contiguous
-        # the group sits where its first member fell in the plain permutation; the rest keep their order
-        first = min(plain.index(i) for i in (1, 4, 6, 9))
-        assert min(at) == first
-        assert [i for i in order if i not in (1, 4, 6, 9)] == [i for i in plain if i not in (1, 4, 6, 9)]
-        assert [i for i in order if i in (1, 4, 6, 9)] == [i for i in plain if i in (1, 4, 6, 9)]
-        firsts.add(first)
-    assert len(firsts) > 1  # the group's place is random
-    b = Batcher(FakeExamples(), batch_size=4, micro_batches=1, seed=3, pad_id=0, max_length=8)
-    np.testing.assert_array_equal(np.concatenate([b.indices(k) for k in range(3)]),
-                                  epoch_order(10, 3, 0, groups=groups))
+    rubric = list(range(1000, 1064))
+    judge = (1, 4, 6, 9)
+    prompts = [np.asarray(rubric + list(range(5 * i, 5 * i + 3 + i)), np.int32) if i in judge
+               else np.asarray(list(range(100 * i, 100 * i + 20 + i)), np.int32) for i in range(10)]
+    completions = [(np.arange(3 + i, dtype=np.int32),) for i in range(10)]
+    ex = Examples("sft", prompts, completions, "<test>", list(range(1, 11)), "fp")
+    groups = batch_groups(ex, 4, 1024)
+    assert [list(g.members) for g in groups] == [[0, 2, 3, 5, 7, 8], [1, 4, 6, 9]]
+    assert groups[0].shape.shared_tokens == 0 and groups[1].shape.shared_tokens == 64
+    b = Batcher(ex, batch_size=4, micro_batches=2, seed=3, pad_id=0, max_length=1024, min_bucket=16)
+    assert b.steps_per_epoch == 3
+    orders = set()
+    for epoch in range(4):
+        idx = [b.indices(epoch * 3 + k) for k in range(3)]
+        assert sorted(np.concatenate(idx)) == list(range(10))
+        assert all(set(i) <= set(judge) or not set(i) & set(judge) for i in idx)  # never mixed
+        orders.add(tuple(np.concatenate(idx)))
+        for k in range(3):
+            batch, rows = b.batch(epoch * 3 + k)
+            group = groups[1] if rows[0] in judge else groups[0]
+            assert batch["prefix_tokens"].shape[-1] == group.shape.prefix_len
+            assert batch["tokens"].shape[-1] == group.shape.length
+            if rows[0] in judge:  # the rubric, once per micro-batch
+                np.testing.assert_array_equal(batch["shared_tokens"][:, -64:], np.asarray([rubric] * 2))
+            else:
+                assert "shared_tokens" not in batch
+    assert len(orders) > 1
+    one = Batcher(ex, batch_size=8, micro_batches=1, seed=3, pad_id=0, max_length=1024)  # no group of 8: one group
+    np.testing.assert_array_equal(one.indices(0), epoch_order(10, 3, 0)[:8])
 
 
 # ---------------------------------------------------------------- training runs
