@@ -154,7 +154,8 @@ def verifiable_warnings(v: dict | None) -> list[str]:
             out.append(f"verifiable instructions: the 95% intervals of M_0 and M_{c['model']} (prompt level, strict) "
                        f"overlap ([{first['prompt_strict_low']:.1f}, {first['prompt_strict_high']:.1f}] and "
                        f"[{last['prompt_strict_low']:.1f}, {last['prompt_strict_high']:.1f}]); read the paired "
-                       f"difference and McNemar's p-value (p = {c['strict']['mcnemar_p']:.3g}) before claiming a change")
+                       f"difference and McNemar's p-value (p = {c['strict']['mcnemar_p']:.3g}) before claiming a "
+                       "change")
     if not v["judge_pairs"]["pairs"]:
         out.append("verifiable instructions: no judge pairs (no model answer satisfied every constraint of its "
                    "prompt), so the judges' accuracy on verifiable pairs is not measured")
@@ -521,7 +522,8 @@ def _pct(figures: dict, key: str) -> str:
 
 
 VERIFIABLE_MEASURES = (("prompt_strict", "prompt level, strict"), ("prompt_loose", "prompt level, loose"),
-                       ("constraint_strict", "constraint level, strict"), ("constraint_loose", "constraint level, loose"))
+                       ("constraint_strict", "constraint level, strict"),
+                       ("constraint_loose", "constraint level, loose"))
 
 
 def verifiable_blocks(v: dict, ev: dict, picture: Path | None) -> list[tuple]:
@@ -532,7 +534,8 @@ def verifiable_blocks(v: dict, ev: dict, picture: Path | None) -> list[tuple]:
                    f"keywords, JSON, ...), one answer each with the actor's sampling settings; a program checks each "
                    f"constraint (`mrjax/eval/verifiable.py`). Prompt level: every constraint of the prompt followed; "
                    f"constraint level: the share of all constraints followed. Strict checks the answer as written; "
-                   f"loose also accepts it without its first or last line or without markdown asterisks. "
+                   f"loose also accepts it without its first line, its last line or both, each also without "
+                   f"markdown asterisks. "
                    f"95% intervals: percentile bootstrap over prompts (at constraint level too: a prompt's "
                    f"constraints are resampled together)."))
     b.append(("table", ["model"] + [label for _, label in VERIFIABLE_MEASURES] + ["cut at max tokens", "mean chars"],
@@ -565,7 +568,8 @@ def verifiable_blocks(v: dict, ev: dict, picture: Path | None) -> list[tuple]:
                        f"a violating one: {pairs['from_models']} from the models' own answers, "
                        f"{pairs['minimal_edits']} where every answer satisfied, by a minimal edit of one that breaks a "
                        f"single constraint; prompts without a pair (no answer satisfied them): "
-                       f"{pairs['without_pair']}. Constraints the violating answers break: {kinds}. Each M_t as judge scores both "
+                       f"{pairs['without_pair']}. Constraints the violating answers break: {kinds}. Each M_t as "
+                       f"judge scores both "
                        f"answers (N={ev['judge_samples']} samples averaged, the run's judge prompt and score mode): "
                        f"accuracy is the share of pairs where the satisfying answer scores higher, ties 0.5; and "
                        f"compares them with the pairwise template in both orders (verdicts by {ev['verdict']}; an "
@@ -573,7 +577,8 @@ def verifiable_blocks(v: dict, ev: dict, picture: Path | None) -> list[tuple]:
         b.append(("table", ["judge", "scores: accuracy [95% interval]", "pairs scored", "ties",
                             "pairwise: accuracy [95% interval]", "orders agree", "parse rate (scores / pairwise)"],
                   [[f"M_{t}", _pct(j, "score_accuracy"), str(j["score_pairs"]), str(j["score_ties"]),
-                    _pct(j, "pairwise_accuracy"), _f(j["order_agreement"], 0) + ("%" if j["order_agreement"] is not None else ""),
+                    _pct(j, "pairwise_accuracy"),
+                    _f(j["order_agreement"], 0) + ("%" if j["order_agreement"] is not None else ""),
                     f"{_f(j['judge_parse_rate'], pct=True)} / {_f(j['pairwise_parse_rate'], pct=True)}"]
                    for t, j in _by_t(v["judges"])]))
     if picture is not None:

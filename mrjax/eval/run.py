@@ -412,7 +412,8 @@ class Evaluation:
         pair_items = [(a["prompt"], a["response"]) for a in answers[last] + answers[0]] if last > 0 else []
         human_items = [(h["prompt"], r) for h in self.human for r in h["responses"]]
         pairs_name, pairs = self.verifiable_pairs(verifiable) if verifiable else ("", [])
-        verifiable_items = [(p["prompt"], p["satisfying"]) for p in pairs] + [(p["prompt"], p["violating"]) for p in pairs]
+        verifiable_items = ([(p["prompt"], p["satisfying"]) for p in pairs]
+                            + [(p["prompt"], p["violating"]) for p in pairs])
         judged, humans, verifiable_judged, verifiable_pairwise = {}, {}, {}, {}
         for t, source in reversed(self.models):  # M_T first: it is the model loaded last
             if pair_items:
