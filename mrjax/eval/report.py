@@ -288,7 +288,7 @@ def plot_verifiable(data: dict, path: Path) -> Path | None:
     series = (("prompt_strict", "prompt level, strict", "o-"), ("prompt_loose", "prompt level, loose", "o--"),
               ("constraint_strict", "constraint level, strict", "s-"),
               ("constraint_loose", "constraint level, loose", "s--"))
-    for k, (key, label, marker) in enumerate(series):
+    for k, (key, label, marker) in enumerate(series):  # the series side by side, so their intervals do not hide
         _with_errorbars(top, [t + 0.06 * (k - 1.5) for t in ts], [v["actor"][str(t)] for t in ts], key, marker, label)
     top.set_ylabel("instructions followed (%)")
     top.set_title(f"Actor: verifiable instructions ({v['prompts']} prompts)")
@@ -315,13 +315,13 @@ def plot_verifiable(data: dict, path: Path) -> Path | None:
 
 def _with_errorbars(ax, x: list[float], figures: list[dict], key: str, marker: str, label: str) -> None:
     """``figures[i][key]`` at x[i] with its interval (``key_low`` / ``key_high``); NaNs left out."""
-    keep = [i for i, f in enumerate(figures) if not math.isnan(f[key])]
-    if not keep:
+    shown = [(at, f) for at, f in zip(x, figures) if not math.isnan(f[key])]
+    if not shown:
         return
-    y = [figures[i][key] for i in keep]
-    err = [[max(y[j] - figures[i][f"{key}_low"], 0) for j, i in enumerate(keep)],
-           [max(figures[i][f"{key}_high"] - y[j], 0) for j, i in enumerate(keep)]]
-    ax.errorbar([x[i] for i in keep], y, yerr=err, fmt=marker, capsize=4, label=f"{label} (95% interval)")
+    below = [max(f[key] - f[f"{key}_low"], 0) for _, f in shown]
+    above = [max(f[f"{key}_high"] - f[key], 0) for _, f in shown]
+    ax.errorbar([at for at, _ in shown], [f[key] for _, f in shown], yerr=[below, above], fmt=marker, capsize=4,
+                label=f"{label} (95% interval)")
 
 
 # ----------------------------------------------------------------------------- text
