@@ -206,7 +206,7 @@ def test_eval_cli_on_the_tiny_run_writes_report_and_pictures(tiny_run, tmp_path)
     human = tmp_path / "human.jsonl"
     human.write_text("".join(line + "\n" for line in HUMAN_RANKINGS.read_text().splitlines()[:3]))
     done = run_cli("--run", str(run_dir), "--max-prompts", "3", "--judge-samples", "2", "--human", str(human),
-                   "--quiet", module="mrjax.eval")
+                   "--no-verifiable", "--quiet", module="mrjax.eval")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ev = run_dir / "eval"
@@ -229,6 +229,7 @@ def test_eval_cli_on_the_tiny_run_writes_report_and_pictures(tiny_run, tmp_path)
         assert result["judges"][t]["agreement"]["pairs"] == 3
     html = (run_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src='report/" not in html
+    assert "verifiable" not in json.loads((ev / "metrics.json").read_text())  # tests/test_verifiable_eval.py
     md = (run_dir / "report.md").read_text()
     for section in ("## Actor: win rates", "## Judge quality", "## Meta-judge biases", "## Examples: M_0 and M_2"):
         assert section in md
@@ -243,7 +244,7 @@ def test_eval_cli_on_the_tiny_run_writes_report_and_pictures(tiny_run, tmp_path)
     mtime = marker.stat().st_mtime_ns
     shutil.rmtree(run_dir / "iter_2" / "hf")
     done = run_cli("--run", str(run_dir), "--max-prompts", "3", "--judge-samples", "2", "--human", str(human),
-                   "--quiet", module="mrjax.eval")
+                   "--no-verifiable", "--quiet", module="mrjax.eval")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["missing"] == ["iter_2/hf (M_2)"] and "missing" in done.stderr

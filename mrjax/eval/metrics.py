@@ -7,10 +7,11 @@ with no usable verdict (counted by the caller, never scored).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from mrjax.eval.verifiable import constraint_level, prompt_level
 from mrjax.stats import bootstrap_mean_interval
 
 Z95 = 1.959963984540054
@@ -158,6 +159,80 @@ def meta_judge_biases(winners: Sequence[str | None], score_first: Sequence[float
     }
 
 
+def ratio_bootstrap_interval(numerators: Sequence[float], denominators: Sequence[float], resamples: int = 2000,
+                             seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators), resampling the entries
+    together (one entry per prompt: a prompt's constraints stay together, a cluster bootstrap)."""
+    num, den = np.asarray(numerators, np.float64), np.asarray(denominators, np.float64)
+    if num.size == 0:
+        return math.nan, math.nan
+    picks = np.random.default_rng(seed).integers(0, num.size, size=(resamples, num.size))
+    ratios = num[picks].sum(axis=1) / den[picks].sum(axis=1)
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_interval(model: Sequence[float], baseline: Sequence[float],
+                              counts: Sequence[float] | None = None, resamples: int = 2000, seed: int = 0,
+                              level: float = 0.95) -> tuple[float, float]:
+    """Interval of (sum(model) - sum(baseline)) / sum(counts), the two models' results on the same
+    prompts: each resample draws prompts and keeps both models' results on them, so what the prompts
+    share (an easy prompt is easy for both) cancels. ``counts`` default to 1 (the difference of means)."""
+    model, baseline = np.asarray(model, np.float64), np.asarray(baseline, np.float64)
+    counts = np.ones_like(model) if counts is None else counts
+    return ratio_bootstrap_interval(model - baseline, counts, resamples, seed, level)
+
+
+def mcnemar_exact_p(model_only: int, baseline_only: int) -> float:
+    """McNemar's exact test on paired pass/fail outcomes: the two-sided binomial test of the discordant
+    pairs (passed by one model only) against 1/2, i.e. min(1, 2 P(X <= min(b, c))) for X ~ Bin(b + c, 1/2).
+    Pairs where both pass or both fail say nothing about which model is better; with none discordant, 1."""
+    n, k = model_only + baseline_only, min(model_only, baseline_only)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))  # exact integers: no underflow for large n
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def following_accuracy(strict: Sequence[Sequence[bool]], loose: Sequence[Sequence[bool]], seed: int = 0) -> dict:
+    """Instruction-following accuracy in percent from per-prompt verdict lists (one verdict per constraint):
+    prompt level (every constraint of the prompt passed) and constraint level (share of all constraints),
+    strict and loose, each with a 95% bootstrap interval over prompts (``<name>_low`` / ``<name>_high``)."""
+    out: dict[str, float] = {}
+    for mode, results in (("strict", strict), ("loose", loose)):
+        passed = [all(r) for r in results]
+        out[f"prompt_{mode}"] = 100 * prompt_level(results)
+        lo, hi = bootstrap_interval(passed, seed=seed)
+        out[f"prompt_{mode}_low"], out[f"prompt_{mode}_high"] = lo, hi
+        out[f"constraint_{mode}"] = 100 * constraint_level(results)
+        lo, hi = ratio_bootstrap_interval([sum(r) for r in results], [len(r) for r in results], seed=seed)
+        out[f"constraint_{mode}_low"], out[f"constraint_{mode}_high"] = 100 * lo, 100 * hi
+    return out
+
+
+def following_difference(model: Sequence[Sequence[bool]], baseline: Sequence[Sequence[bool]], seed: int = 0) -> dict:
+    """Model minus baseline on the same prompts (verdict lists aligned prompt by prompt), in percentage
+    points, prompt level and constraint level, each with its paired-bootstrap interval; with McNemar's
+    exact p-value on the prompt-level outcomes (the discordant prompts counted)."""
+    m_passed = [float(all(r)) for r in model]
+    b_passed = [float(all(r)) for r in baseline]
+    m_count, b_count = [sum(r) for r in model], [sum(r) for r in baseline]
+    counts = [len(r) for r in model]
+    if counts != [len(r) for r in baseline]:
+        raise ValueError("the two models' verdicts must be on the same prompts")
+    out: dict[str, Any] = {"prompts": len(model)}
+    for level, m, b, n in (("prompt", m_passed, b_passed, None), ("constraint", m_count, b_count, counts)):
+        den = sum(n) if n is not None else len(m)
+        out[level] = 100 * (sum(m) - sum(b)) / den
+        lo, hi = paired_bootstrap_interval(m, b, n, seed=seed)
+        out[f"{level}_low"], out[f"{level}_high"] = 100 * lo, 100 * hi
+    model_only = sum(1 for a, b in zip(m_passed, b_passed) if a and not b)
+    baseline_only = sum(1 for a, b in zip(m_passed, b_passed) if b and not a)
+    out.update(model_only=model_only, baseline_only=baseline_only, mcnemar_p=mcnemar_exact_p(model_only, baseline_only))
+    return out
+
+
 def gaussian_kde(samples: Sequence[float], grid: np.ndarray, bandwidth: float | None = None) -> np.ndarray:
     """Gaussian kernel density of ``samples`` on ``grid`` (Scott's rule; a floor for constant samples)."""
     s = np.asarray(samples, np.float64)
@@ -168,6 +243,7 @@ def gaussian_kde(samples: Sequence[float], grid: np.ndarray, bandwidth: float | 
     return np.exp(-0.5 * z * z).sum(axis=1) / (s.size * h * math.sqrt(2 * math.pi))
 
 
-__all__ = ["agreement", "average_ranks", "bootstrap_interval", "gaussian_kde", "length_controlled_win_rate",
-           "logistic_fit", "meta_judge_biases", "preference_from_orders", "preference_from_scores", "spearman",
-           "win_rate"]
+__all__ = ["agreement", "average_ranks", "bootstrap_interval", "following_accuracy", "following_difference",
+           "gaussian_kde", "length_controlled_win_rate", "logistic_fit", "mcnemar_exact_p", "meta_judge_biases",
+           "paired_bootstrap_interval", "preference_from_orders", "preference_from_scores", "ratio_bootstrap_interval",
+           "spearman", "win_rate"]

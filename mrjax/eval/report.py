@@ -28,6 +28,7 @@ MIN_COMPARISONS = 30
 MIN_PARSE_RATE = 0.8
 MAX_TOP_SCORE_SHARE = 0.5
 MAX_POSITIONAL_BIAS = 70.0
+MIN_VERIFIABLE_PROMPTS = 100
 
 
 def _rows(path: Path) -> list[dict]:
@@ -134,19 +135,43 @@ def warnings_for(data: dict) -> list[str]:
         if j.get("parse_rate") is not None and j["parse_rate"] < MIN_PARSE_RATE:
             out.append(f"M_{t} as judge (evaluation): parse rate {100 * j['parse_rate']:.0f}% "
                        f"(under {100 * MIN_PARSE_RATE:.0f}%)")
+    return out + verifiable_warnings(data["eval"].get("verifiable"))
+
+
+def verifiable_warnings(v: dict | None) -> list[str]:
+    """Plain warnings of the verifiable-instruction section."""
+    if not v:
+        return []
+    out = []
+    if v["prompts"] < MIN_VERIFIABLE_PROMPTS:
+        out.append(f"verifiable instructions: only {v['prompts']} prompts (fewer than {MIN_VERIFIABLE_PROMPTS}); "
+                   "the accuracies are rough estimates")
+    c = v.get("comparison")
+    if c:
+        first, last = v["actor"]["0"], v["actor"][str(c["model"])]
+        if first["prompt_strict_low"] <= last["prompt_strict_high"] and last["prompt_strict_low"] <= first[
+                "prompt_strict_high"]:
+            out.append(f"verifiable instructions: the 95% intervals of M_0 and M_{c['model']} (prompt level, strict) "
+                       f"overlap ([{first['prompt_strict_low']:.1f}, {first['prompt_strict_high']:.1f}] and "
+                       f"[{last['prompt_strict_low']:.1f}, {last['prompt_strict_high']:.1f}]); read the paired "
+                       f"difference and McNemar's p-value (p = {c['strict']['mcnemar_p']:.3g}) before claiming a "
+                       "change")
+    if not v["judge_pairs"]["pairs"]:
+        out.append("verifiable instructions: no judge pairs (no model answer satisfied every constraint of its "
+                   "prompt), so the judges' accuracy on verifiable pairs is not measured")
     return out
 
 
 # ----------------------------------------------------------------------------- pictures
 
 
-def _figure(height: float = 4.0):
+def _figure(height: float = 4.0, rows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, height), dpi=110)
+    fig, ax = plt.subplots(rows, 1, figsize=(6.4, height), dpi=110)
     return plt, fig, ax
 
 
@@ -250,6 +275,53 @@ def plot_biases(data: dict, path: Path) -> Path | None:
     ax.set_title("Meta-judge biases per iteration")
     _legend_below(ax)
     return _save(plt, fig, path)
+
+
+def plot_verifiable(data: dict, path: Path) -> Path | None:
+    """Instruction following per model M_t (prompt and constraint level, strict and loose) and each M_t's
+    accuracy as judge of the verifiable pairs, with 95% bootstrap intervals."""
+    v = data["eval"].get("verifiable")
+    if not v:
+        return None
+    plt, fig, (top, bottom) = _figure(7.6, rows=2)
+    ts = sorted(int(t) for t in v["actor"])
+    series = (("prompt_strict", "prompt level, strict", "o-"), ("prompt_loose", "prompt level, loose", "o--"),
+              ("constraint_strict", "constraint level, strict", "s-"),
+              ("constraint_loose", "constraint level, loose", "s--"))
+    for k, (key, label, marker) in enumerate(series):  # the series side by side, so their intervals do not hide
+        _with_errorbars(top, [t + 0.06 * (k - 1.5) for t in ts], [v["actor"][str(t)] for t in ts], key, marker, label)
+    top.set_ylabel("instructions followed (%)")
+    top.set_title(f"Actor: verifiable instructions ({v['prompts']} prompts)")
+    judges = sorted(int(t) for t in v["judges"])
+    for k, (key, label, marker) in enumerate((("score_accuracy", "judge scores", "o-"),
+                                              ("pairwise_accuracy", "pairwise, both orders", "s--"))):
+        _with_errorbars(bottom, [t + 0.06 * (k - 0.5) for t in judges], [v["judges"][str(t)] for t in judges], key,
+                        marker, label)
+    bottom.axhline(50, color="grey", lw=0.8, ls="--")
+    bottom.set_ylabel("satisfying answer preferred (%)")
+    bottom.set_title(f"Judge: verifiable pairs ({v['judge_pairs']['pairs']} pairs)")
+    if not judges:
+        bottom.text(0.5, 0.5, "no pairs: no answer satisfied every constraint of its prompt", ha="center",
+                    va="center", transform=bottom.transAxes)
+    for ax in (top, bottom):
+        ax.set_xlabel("iteration t (model M_t)")
+        ax.set_ylim(-3, 103)
+        ax.set_xticks(ts)
+        ax.set_xlim(ts[0] - 0.4, ts[-1] + 0.4)
+        if ax.get_legend_handles_labels()[0]:
+            _legend_below(ax)
+    return _save(plt, fig, path)
+
+
+def _with_errorbars(ax, x: list[float], figures: list[dict], key: str, marker: str, label: str) -> None:
+    """``figures[i][key]`` at x[i] with its interval (``key_low`` / ``key_high``); NaNs left out."""
+    shown = [(at, f) for at, f in zip(x, figures) if not math.isnan(f[key])]
+    if not shown:
+        return
+    below = [max(f[key] - f[f"{key}_low"], 0) for _, f in shown]
+    above = [max(f[f"{key}_high"] - f[key], 0) for _, f in shown]
+    ax.errorbar([at for at, _ in shown], [f[key] for _, f in shown], yerr=[below, above], fmt=marker, capsize=4,
+                label=f"{label} (95% interval)")
 
 
 # ----------------------------------------------------------------------------- text
@@ -410,6 +482,8 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
                          str(a.get("pairs_without_ties", "-")), _f(j["spearman"], 3), str(j["spearman_prompts"])])
         b.append(("table", ["judge", "parse rate", "agreement (ties 0.5)", "agreement (ties dropped)",
                             "pairs w/o ties", "Spearman", "prompts"], rows))
+    if ev.get("verifiable"):
+        b += verifiable_blocks(ev["verifiable"], ev, pictures.get("verifiable"))
     meta = {t: it["meta_judge"] for t, it in its.items() if "meta_judge" in it}
     if meta:
         b.append(("h", 2, "Meta-judge biases"))
@@ -422,7 +496,7 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
                 "response_length": "Mean response length per iteration.",
                 "win_rates": "Win rate and length-controlled win rate per iteration, with 95% bootstrap intervals.",
                 "meta_judge_biases": "Meta-judge score and positional biases per iteration."}
-    shown = [(name, path) for name, path in pictures.items() if path is not None]
+    shown = [(name, path) for name, path in pictures.items() if path is not None and name in captions]
     if shown:
         b.append(("h", 2, "Pictures"))
         b += [("img", path, captions[name]) for name, path in shown]
@@ -431,6 +505,85 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
         last = max(int(t) for t in ev["models"])
         b.append(("h", 2, f"Examples: M_0 and M_{last} side by side"))
         b.append(("pairs", ["prompt", "M_0", f"M_{last}"], examples))
+    return b
+
+
+def _by_t(per_model: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A JSON dict keyed by model t ("0", "1", ..., "10") in the order of t."""
+    return sorted(per_model.items(), key=lambda item: int(item[0]))
+
+
+def _pct(figures: dict, key: str) -> str:
+    """``value% [low, high]`` of a percentage with its interval; "-" when there is no value."""
+    value = figures.get(key)
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.1f}% [{_f(figures[key + '_low'])}, {_f(figures[key + '_high'])}]"
+
+
+VERIFIABLE_MEASURES = (("prompt_strict", "prompt level, strict"), ("prompt_loose", "prompt level, loose"),
+                       ("constraint_strict", "constraint level, strict"),
+                       ("constraint_loose", "constraint level, loose"))
+
+
+def verifiable_blocks(v: dict, ev: dict, picture: Path | None) -> list[tuple]:
+    """The "Verifiable instructions" section: each M_t's instruction following, M_T against M_0, the judges."""
+    b: list[tuple] = [("h", 2, "Verifiable instructions")]
+    b.append(("p", f"Each M_t answered {v['prompts']} prompts sampled (seed {v['seed']}) from `{v['source']}` "
+                   f"({v['rows_available']} rows), {v['constraints']} constraints in all (word counts, bullets, case, "
+                   f"keywords, JSON, ...), one answer each with the actor's sampling settings; a program checks each "
+                   f"constraint (`mrjax/eval/verifiable.py`). Prompt level: every constraint of the prompt followed; "
+                   f"constraint level: the share of all constraints followed. Strict checks the answer as written; "
+                   f"loose also accepts it without its first line, its last line or both, each also without "
+                   f"markdown asterisks. "
+                   f"95% intervals: percentile bootstrap over prompts (at constraint level too: a prompt's "
+                   f"constraints are resampled together)."))
+    b.append(("table", ["model"] + [label for _, label in VERIFIABLE_MEASURES] + ["cut at max tokens", "mean chars"],
+              [[f"M_{t}"] + [_pct(a, key) for key, _ in VERIFIABLE_MEASURES]
+               + [f"{a['cut_at_max_tokens']} / {v['prompts']}", _f(a["mean_chars"], 0)] for t, a in _by_t(v["actor"])]))
+    c = v.get("comparison")
+    if c:
+        last, strict = c["model"], c["strict"]
+        b.append(("p", f"M_{last} against M_0 on the same {strict['prompts']} prompts: the difference in percentage "
+                       f"points with a paired-bootstrap 95% interval (prompts resampled, both models' results on a "
+                       f"prompt kept together). McNemar's exact test on the prompt-level strict outcomes: M_{last} "
+                       f"alone followed {strict['model_only']} prompts, M_0 alone {strict['baseline_only']} (the "
+                       f"prompts both or neither followed say nothing about the difference); two-sided "
+                       f"p = {strict['mcnemar_p']:.3g}."))
+        rows = []
+        for key, label in VERIFIABLE_MEASURES:
+            level, mode = key.split("_")
+            d = c[mode]
+            rows.append([label, _pct(v["actor"]["0"], key), _pct(v["actor"][str(last)], key),
+                         f"{d[level]:+.1f} [{d[level + '_low']:+.1f}, {d[level + '_high']:+.1f}]"])
+        b.append(("table", ["measure", "M_0", f"M_{last}", f"M_{last} - M_0 (points) [paired 95% interval]"], rows))
+    pairs = v["judge_pairs"]
+    if not pairs["pairs"]:
+        b.append(("p", f"Judge: no verifiable pairs. No model's answer satisfied every constraint of its prompt "
+                       f"({v['prompts']} prompts), so the judges' accuracy on verifiable instructions is not measured "
+                       f"(a satisfying answer is never written for the models)."))
+    else:
+        kinds = ", ".join(f"{k} {n}" for k, n in pairs["violated_kinds"].items())
+        b.append(("p", f"Judge: {pairs['pairs']} pairs of a satisfying answer (every constraint followed, strict) and "
+                       f"a violating one: {pairs['from_models']} from the models' own answers, "
+                       f"{pairs['minimal_edits']} where every answer satisfied, by a minimal edit of one that breaks a "
+                       f"single constraint; prompts without a pair (no answer satisfied them): "
+                       f"{pairs['without_pair']}. Constraints the violating answers break: {kinds}. Each M_t as "
+                       f"judge scores both "
+                       f"answers (N={ev['judge_samples']} samples averaged, the run's judge prompt and score mode): "
+                       f"accuracy is the share of pairs where the satisfying answer scores higher, ties 0.5; and "
+                       f"compares them with the pairwise template in both orders (verdicts by {ev['verdict']}; an "
+                       f"order disagreement counts 0.5). 50% is chance."))
+        b.append(("table", ["judge", "scores: accuracy [95% interval]", "pairs scored", "ties",
+                            "pairwise: accuracy [95% interval]", "orders agree", "parse rate (scores / pairwise)"],
+                  [[f"M_{t}", _pct(j, "score_accuracy"), str(j["score_pairs"]), str(j["score_ties"]),
+                    _pct(j, "pairwise_accuracy"),
+                    _f(j["order_agreement"], 0) + ("%" if j["order_agreement"] is not None else ""),
+                    f"{_f(j['judge_parse_rate'], pct=True)} / {_f(j['pairwise_parse_rate'], pct=True)}"]
+                   for t, j in _by_t(v["judges"])]))
+    if picture is not None:
+        b.append(("img", picture, "Verifiable instructions: instructions followed per model and each model's "
+                                  "accuracy as judge of the verifiable pairs, with 95% bootstrap intervals."))
     return b
 
 
@@ -518,6 +671,7 @@ def write_report(root: str | Path) -> dict[str, Path]:
         "response_length": plot_lengths(data, pictures_dir / "response_length.png"),
         "win_rates": plot_win_rates(data, pictures_dir / "win_rates.png"),
         "meta_judge_biases": plot_biases(data, pictures_dir / "meta_judge_biases.png"),
+        "verifiable": plot_verifiable(data, pictures_dir / "verifiable.png"),
     }
     blocks = build_blocks(root, data, pictures)
     figures = {**data, "iterations": {t: {k: v for k, v in it.items() if k != "scores"}

@@ -1126,7 +1126,8 @@ def _padding_helps(constraint: dict, spec: dict[str, dict]) -> bool:
 
 
 def load_rows(path: str | Path = SHIPPED) -> list[dict]:
-    """The prompt rows of a JSONL file, validated: each line an object with a unique string ``id``, a
+    """The prompt rows of a JSONL file, validated: each line an object with a unique string ``id`` (optional:
+    a row without one is named by its line, ``line<number>``), a
     non-empty ``prompt`` and a non-empty list of ``constraints`` of known kinds with valid parameters, each
     constraint's instruction sentence found in the prompt (and the prompt starting with the request that
     a repeat_request constraint asks to repeat). Blank lines are skipped; any problem is a
@@ -1140,8 +1141,9 @@ def load_rows(path: str | Path = SHIPPED) -> list[dict]:
             row = json.loads(line)
         except ValueError as error:
             raise ValueError(f"{where}: not JSON ({error})") from None
-        if not isinstance(row, dict) or set(row) != {"id", "prompt", "constraints"}:
-            raise ValueError(f"{where}: a row has exactly the keys id, prompt and constraints")
+        if not isinstance(row, dict) or not {"prompt", "constraints"} <= set(row) <= {"id", "prompt", "constraints"}:
+            raise ValueError(f"{where}: a row has the keys prompt and constraints, and optionally id")
+        row = {"id": f"line{number}", **row}  # a user's file may leave the ids out
         if not isinstance(row["id"], str) or not row["id"] or row["id"] in ids:
             raise ValueError(f"{where}: missing or repeated id {row['id']!r}")
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
