@@ -139,12 +139,22 @@ def test_judge_pairs_from_models_or_minimal_edits_and_none_without_a_satisfying_
     assert edited["source"] == "minimal_edit" and edited["satisfying"] == GOOD_TEA
     assert edited["violating_model"] is None and edited["violating"] != GOOD_TEA
     (target,) = edited["violated"]
-    assert target == "no_commas"  # the first constraint that an edit can break
+    assert target == "no_commas"  # adding a comma keeps the word count: of the least-changing edits, the first
     verdicts = vf.follows(edited["violating"], TEA)
     assert verdicts == [c["kind"] != target for c in TEA]  # fails its target, keeps the others
     assert all(vf.follows(p["satisfying"], PAIR_ROWS[p["i"]]["constraints"]) for p in pairs)
     # No satisfying answer anywhere: no pairs at all (we never write one).
     assert verifiable_judge_pairs(PAIR_ROWS[2:], {0: ["Hello."], 1: ["World."]}) == []
+
+
+def test_judge_pairs_prefer_the_edit_that_keeps_the_length():
+    # Breaking "at most 20 words" adds words; breaking "no commas" adds a comma: the comma is chosen, so a
+    # judge that prefers longer (or shorter) answers gains nothing from the pair.
+    row = {"id": "w", "prompt": "Q", "constraints": [{"kind": "word_count", "relation": "at most", "n": 20},
+                                                     {"kind": "no_commas"}]}
+    assert vf.minimal_violation(GOOD_TEA, row["constraints"], 0) is not None
+    (pair,) = verifiable_judge_pairs([row], {0: [GOOD_TEA]})
+    assert pair["violated"] == ["no_commas"] and len(vf.words(pair["violating"])) == len(vf.words(GOOD_TEA))
 
 
 def test_judge_pairs_skip_a_prompt_whose_satisfying_answers_cannot_be_edited():

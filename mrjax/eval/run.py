@@ -118,7 +118,8 @@ def verifiable_judge_pairs(rows: list[dict], answers: dict[int, list[str]]) -> l
 
     Both come from the models' answers when both kinds exist (the first of each in model order:
     ``"source": "models"``); else, when every answer satisfies, the violating one is a minimal edit of a
-    satisfying answer (``verifiable.minimal_violation``: one constraint broken, the others kept;
+    satisfying answer (``verifiable.minimal_violation``: one constraint broken, the others kept; of the
+    possible edits the one that changes the word count least;
     ``"source": "minimal_edit"``); else (no answer satisfies) the prompt has no pair: a satisfying answer
     is never written by us. ``violated`` lists the kinds the violating answer fails."""
     pairs = []
@@ -131,10 +132,12 @@ def verifiable_judge_pairs(rows: list[dict], answers: dict[int, list[str]]) -> l
         if satisfying and violating:
             pair = {"source": "models", "satisfying_model": satisfying[0][0], "satisfying": satisfying[0][1],
                     "violating_model": violating[0][0], "violating": violating[0][1]}
-        elif satisfying:  # every answer satisfies: the first one that a minimal edit can break
-            edits = ((t, text, vf.minimal_violation(text, constraints, k))
-                     for t, text in satisfying for k in range(len(constraints)))
-            t, text, edited = next((e for e in edits if e[2] is not None), (None, None, None))
+        elif satisfying:  # every answer satisfies: the edit that changes the length least (a judge that
+            # likes longer answers must not pass as one that checks constraints), the first on a tie
+            edits = [(t, text, edited) for t, text in satisfying for k in range(len(constraints))
+                     if (edited := vf.minimal_violation(text, constraints, k)) is not None]
+            t, text, edited = min(edits, key=lambda e: abs(len(vf.words(e[2])) - len(vf.words(e[1]))),
+                                  default=(None, None, None))
             if edited is not None:
                 pair = {"source": "minimal_edit", "satisfying_model": t, "satisfying": text,
                         "violating_model": None, "violating": edited}
