@@ -203,7 +203,7 @@ def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_l
                   max_steps=steps + 1, learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0,
                   max_grad_norm=1.0, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
                   bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                  gradient_checkpointing=False, max_length=max_length)
+                  max_length=max_length)  # no gradient checkpointing: the default
     if kind.startswith("sft"):
         from trl import SFTConfig, SFTTrainer
 
