@@ -35,7 +35,7 @@ import numpy as np
 from mrjax import faults, roles
 from mrjax import preferences as pf
 from mrjax.config import Config, ConfigError, to_dict
-from mrjax.mesh import agreed, barrier, is_main_process
+from mrjax.mesh import agreed, barrier, is_main_process, release_memory
 from mrjax.data import (
     SEED_PROMPTS,
     DataError,
@@ -306,6 +306,7 @@ class MetaRewardingRun:
                         shutil.rmtree(path, ignore_errors=True)
         barrier(f"redo {label}")
         self.ran.append(label)
+        release_memory()  # what the last stage freed goes back to the OS before this one allocates
         t0 = time.perf_counter()
         info = fn() or {}
         info["wall_s"] = round(agreed(time.perf_counter() - t0), 3)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from mrjax.mesh import release_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -84,19 +86,6 @@ class PeakRSS:
     @property
     def delta_mb(self) -> float:
         return round((self.peak - self.start) / 2**20, 1)
-
-
-def release_memory() -> None:
-    """Collect garbage (HF Trainer objects hold reference cycles) and hand freed heap back to the OS,
-    so the next phase of the run does not stack on the previous one's memory."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _rss_bytes() -> int:

@@ -262,7 +262,7 @@ def run_cases(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             import tempfile
             from pathlib import Path
 
-            from mrjax.benchmarks.dpo import release_memory
+            from mrjax.mesh import release_memory
 
             with tempfile.TemporaryDirectory() as tmp:
                 hf_dir = model.save_pretrained(Path(tmp) / "hf", tokenizer)
