@@ -11,7 +11,7 @@ import pytest
 import scipy.optimize
 import scipy.stats
 
-from loop_helpers import rows, run_cli
+from loop_helpers import REPO, rows, run_cli
 from mrjax import roles
 from mrjax.eval import metrics as mx
 
@@ -196,6 +196,12 @@ def test_the_run_ends_with_a_table_recomputed_from_its_files(tiny_run):
         lines["DPO accuracy, held out"]
     report = (run_dir / "report.md").read_text()
     assert "## DPO: does it learn?" in report and "| generated tokens/s | actor | judge | meta-judge |" in report
+    # The judge's baseline: a constant guess of the held-out rows' mean score (tiny.yaml: the first 3 rows).
+    truth = np.asarray([r["score"] for r in rows(REPO / "mrjax" / "data" / "eft_judge_eval_rows.jsonl")[:3]], float)
+    guess = np.abs(truth - truth.mean()).mean()
+    eft = json.loads((run_dir / "eft" / "summary.json").read_text())
+    assert eft["after"]["judge_constant_guess_error"] == pytest.approx(guess)
+    assert f"{guess:.2f}" in lines["a constant guess's error"]
 
 
 @pytest.mark.slow
