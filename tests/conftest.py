@@ -6,6 +6,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A command line run inside a test process (``mrjax.train.main``) must not turn XLA's persistent cache on
+# for the rest of that process's tests (nor write to ~/.cache): a worker that ran such a test crashed
+# in a later compile that went through the cache's path. Runs in a subprocess get their own cache
+# (loop_helpers.run_cli).
+os.environ["MRJAX_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
