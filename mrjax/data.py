@@ -421,6 +421,15 @@ def bucket_length(n: int, minimum: int, maximum: int) -> int:
     return max(min(size, int(maximum)), int(n))
 
 
+# A group's shape (``batch_groups``) compiles once whatever its lengths, so it pads only to a multiple of this.
+GROUP_ROUNDING = 16
+
+
+def group_length(n: int, maximum: int) -> int:
+    """A group's padded length: ``n`` rounded up to a multiple of GROUP_ROUNDING, at most ``maximum`` (≥ n)."""
+    return max(min(-(-max(int(n), 1) // GROUP_ROUNDING) * GROUP_ROUNDING, int(maximum)), int(n))
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """The example order of an epoch: a permutation fixed by (seed, epoch)."""
     if not shuffle:
@@ -441,7 +450,7 @@ def prefix_groups(examples: Examples, length: int = GROUP_PREFIX_TOKENS) -> list
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
     """The padded lengths of every batch of one group, so that a group compiles one program (XLA
-    compiles a program per shape, which costs a minute or more a program on a 2-core CPU)."""
+    compiles a program per shape: seconds to a minute each on a 2-core CPU)."""
 
     shared_tokens: int  # prompt tokens all of the group's rows start with, run once per micro-batch (0: none)
     prefix_len: int  # slots for each row's prompt after the shared part (without its last token)
@@ -454,11 +463,13 @@ class BatchGroup:
     shape: BatchShape
 
 
-def batch_groups(examples: Examples, batch_size: int, max_length: int, min_bucket: int = 16) -> list[BatchGroup]:
+def batch_groups(examples: Examples, batch_size: int, max_length: int) -> list[BatchGroup]:
     """The groups that batches never mix: each prompt template (``prefix_groups``) with at least
     ``batch_size`` rows (the loop's judge pairs, the EFT stage's judge rows, its meta-judge rows), then
     all other rows together; in the order of their first rows. Each with the shape its batches pad to:
-    the shared part is the prefix common to all of the group's rows (when at least MIN_SHARED_TOKENS)."""
+    the shared part is the prefix common to all of the group's rows (when at least MIN_SHARED_TOKENS),
+    and each length is the group's longest rounded up to a multiple of GROUP_ROUNDING (a group compiles
+    one program whatever its lengths, so coarser buckets would only add padded work)."""
     by_key: dict[bytes, list[int]] = {}
     for i, key in enumerate(prefix_groups(examples)):
         by_key.setdefault(key, []).append(i)
@@ -472,8 +483,8 @@ def batch_groups(examples: Examples, batch_size: int, max_length: int, min_bucke
         shared = shared if shared >= MIN_SHARED_TOKENS else 0
         shape = BatchShape(
             shared,
-            bucket_length(max(len(h) for h in heads) - shared, min_bucket, max_length),
-            bucket_length(max(len(c) for i in members for c in examples.completions[i]), min_bucket, max_length),
+            group_length(max(len(h) for h in heads) - shared, max_length),
+            group_length(max(len(c) for i in members for c in examples.completions[i]), max_length),
         )
         out.append(BatchGroup(np.asarray(members, np.int64), shape))
     return out
@@ -540,13 +551,17 @@ def make_batch(
                 shared_of[a * b:(a + 1) * b] = common_prefix_length(heads[a * b:(a + 1) * b])
         if shared_of.max() < MIN_SHARED_TOKENS:
             shared_of[:] = 0
-    shared_len = bucket_length(int(shared_of.max()), min_bucket, max_length) if shared_of.max() else 0
-    prefix_len = bucket_length(max(len(h) - s for h, s in zip(heads, shared_of)), min_bucket, max_length)
-    length = bucket_length(max(len(c) for i in rows for c in examples.completions[i]), min_bucket, max_length)
+    longest_rest = max(len(h) - s for h, s in zip(heads, shared_of))
+    longest_completion = max(len(c) for i in rows for c in examples.completions[i])
     if shape is not None and share_prefix:
-        if prefix_len > shape.prefix_len or length > shape.length:
+        if longest_rest > shape.prefix_len or longest_completion > shape.length:
             raise ValueError(f"rows longer than their group's shape {shape}")
+        shared_len = group_length(shape.shared_tokens, max_length) if shape.shared_tokens else 0
         prefix_len, length = shape.prefix_len, shape.length
+    else:
+        shared_len = bucket_length(int(shared_of.max()), min_bucket, max_length) if shared_of.max() else 0
+        prefix_len = bucket_length(longest_rest, min_bucket, max_length)
+        length = bucket_length(longest_completion, min_bucket, max_length)
 
     prefix_tokens = np.full((batch_size, prefix_len), pad_id, np.int32)
     prefix_positions = np.zeros((batch_size, prefix_len), np.int32)
@@ -633,7 +648,7 @@ class Batcher:
         self.seed, self.pad_id, self.max_length, self.shuffle, self.min_bucket = (
             seed, pad_id, max_length, shuffle, min_bucket
         )
-        self.groups = batch_groups(examples, batch_size, max_length, min_bucket)
+        self.groups = batch_groups(examples, batch_size, max_length)
         self.steps_per_epoch = steps_per_epoch(self.groups, batch_size)
         self._epoch: tuple[int, list[tuple[np.ndarray, BatchShape]]] | None = None  # made once per epoch
 
@@ -679,7 +694,7 @@ def sequential_batches(
 ) -> Iterable[tuple[dict[str, np.ndarray], np.ndarray]]:
     """All examples, ``batch_size`` at a time, group by group (``batch_groups``: one shape a group), each
     group in file order (for reference log-probs and evaluation)."""
-    for group in batch_groups(examples, batch_size, max_length, min_bucket):
+    for group in batch_groups(examples, batch_size, max_length):
         for start in range(0, len(group.members), batch_size):
             idx = group.members[start:start + batch_size]
             yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, min_bucket, shape=group.shape), idx

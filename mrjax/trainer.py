@@ -163,7 +163,7 @@ class Trainer:
         t = self.train_settings
         if t.max_steps > 0:
             return t.max_steps
-        return t.epochs * steps_per_epoch(batch_groups(examples, t.batch_size, t.max_length, t.min_bucket), t.batch_size)
+        return t.epochs * steps_per_epoch(batch_groups(examples, t.batch_size, t.max_length), t.batch_size)
 
     def train(
         self,

@@ -97,11 +97,13 @@ class Case:
         self.examples = tokenize_rows(list(enumerate(rows, 1)), tokenizer, self.kind, max_length)
 
     def batch(self, share: bool) -> dict:
-        from mrjax.data import make_batch
+        """All rows as one batch; shared, padded to their ``batch_groups`` shape as the loop's trainer pads them."""
+        from mrjax.data import batch_groups, make_batch
 
         n = len(self.examples)
+        shape = batch_groups(self.examples, n, self.max_length)[0].shape if share else None
         return make_batch(self.examples, list(range(n)), n, 1, self.tokenizer.pad_id, self.max_length,
-                          share_prefix=share)
+                          share_prefix=share, shape=shape)
 
     def make_step(self, module: Any, config: Any, params_abstract: dict):
         from mrjax import train_step as ts
