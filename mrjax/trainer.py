@@ -34,6 +34,7 @@ from mrjax.config import Config, ConfigError, to_dict
 from mrjax.data import (Batcher, Examples, batch_groups, load_examples, sequential_batches, steps_per_epoch,
                         write_text)
 from mrjax.mesh import agreed, batch_ways, fetch, is_main_process
+from mrjax.model.pretrained import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,17 @@ class Trainer:
         self.run_dir = Path(run_dir if run_dir is not None else config.run_dir)
         self.progress, self.callbacks = progress, list(callbacks)
         self.mesh = model.mesh
+        # The module the steps and log-probs run (train.dtype may differ from the sampler's model.dtype).
+        self.module = model.module if not config.train.dtype else model.module.clone(
+            dtype=resolve_dtype(config.train.dtype))
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         ways = batch_ways(self.mesh)
         if self.micro_batch % ways:
             log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
                         self.micro_batch, ways)
         self._logps = _memo(
-            ("logps", model.module, self.mesh, self.kind, self.dpo.share_prompt, config.train.max_logits_mb),
-            lambda: ts.make_logps_fn(model.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1,
+            ("logps", self.module, self.mesh, self.kind, self.dpo.share_prompt, config.train.max_logits_mb),
+            lambda: ts.make_logps_fn(self.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1,
                                      self.dpo.share_prompt, config.train.max_logits_mb),
         )
 
@@ -190,12 +194,12 @@ class Trainer:
         def build():
             tx, schedule = ts.make_optimizer(t, total)
             shardings = ts.state_shardings(tx, self.model.param_shardings, params_abstract, self.mesh)
-            step = ts.make_train_step(self.kind, self.model.module, tx, schedule, shardings, self.mesh, self.dpo,
+            step = ts.make_train_step(self.kind, self.module, tx, schedule, shardings, self.mesh, self.dpo,
                                       t.max_logits_mb)
             return tx, shardings, step
 
         # Trainers with the same model, mesh and settings share compiled steps (a resumed run, the next iteration).
-        key = ("step", self.kind, self.model.module, self.mesh, t, self.dpo, total,
+        key = ("step", self.kind, self.module, self.mesh, t, self.dpo, total,
                tuple((jax.tree_util.keystr(path), x.shape, str(x.dtype))
                      for path, x in jax.tree_util.tree_flatten_with_path(params_abstract)[0]))
         tx, shardings, step_fn = _memo(key, build)

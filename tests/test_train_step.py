@@ -567,3 +567,52 @@ def test_shared_prefix_sharded_sft_step_equals_single_device_unshared(tiny):
     got = one_step(make_mesh(data=2, fsdp=2, tensor=2), True)
     want = one_step(single_device_mesh(), False)
     _assert_same_step(got, want, keys=("loss", "grad_norm", "num_tokens"))
+
+
+def test_mixed_matmul_and_its_gradients_match_float64():
+    """``mixed_matmul``: x rounded to bfloat16 times w kept to about 16 bits (two bfloat16 parts), float32
+    accumulation; its gradients against a float64 computation of the same rounded operands (the cotangent is
+    bfloat16-exact, so only accumulation order differs). A transposed or swapped gradient would be far off."""
+    from mrjax.model.llama import mixed_matmul, project
+
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (24, 40), jnp.float32)
+    w = jax.random.normal(kw, (40, 56), jnp.float32) * 0.05
+    cot = jax.random.normal(kc, (24, 56), jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+    x16 = np.asarray(x.astype(jnp.bfloat16), np.float64)
+    w16 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+    w64 = np.asarray(w, np.float64)
+
+    y = np.asarray(jax.jit(mixed_matmul)(x, w), np.float64)
+    scale = np.abs(x16 @ w64).max()
+    assert np.abs(y - x16 @ w64).max() <= 1e-5 * scale  # w's low part counts ...
+    assert np.abs(x16 @ w16 - x16 @ w64).max() > 1e-4 * scale  # ... where rounding w alone would not do
+
+    dx, dw = jax.grad(lambda x, w: jnp.sum(mixed_matmul(x, w) * cot), argnums=(0, 1))(x, w)
+    c64 = np.asarray(cot, np.float64)
+    np.testing.assert_allclose(np.asarray(dx), c64 @ w16.T, rtol=0, atol=1e-5 * np.abs(c64 @ w16.T).max())
+    np.testing.assert_allclose(np.asarray(dw), x16.T @ c64, rtol=0, atol=1e-5 * np.abs(x16.T @ c64).max())
+    assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+
+    # project() flattens and restores the einsum's axes: [B, T, h, d] x [h, d, e] over two axes.
+    a = jax.random.normal(kx, (2, 3, 4, 5), jnp.float32)
+    b = jax.random.normal(kw, (4, 5, 6), jnp.float32)
+    want = np.einsum("bthd,hde->bte", np.asarray(a.astype(jnp.bfloat16), np.float64), np.asarray(b, np.float64))
+    got = project(a, b, jnp.bfloat16, in_dims=2)
+    assert got.shape == (2, 3, 6) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=1e-2)
+
+
+def test_train_dtype_sets_the_steps_compute_dtype_only(tiny):
+    """train.dtype: bfloat16 trains (and scores log-probs) in bfloat16 while the model, its sampler and
+    its float32 parameters stay as they are."""
+    from mrjax.config import Config, TrainSettings
+    from mrjax.trainer import Trainer
+
+    model, tok = tiny
+    config = Config(train=TrainSettings(kind="dpo", batch_size=8, dtype="bfloat16"))
+    trainer = Trainer(config, model, tok)
+    assert trainer.module.dtype == jnp.bfloat16 and model.module.dtype == jnp.float32
+    assert jax.tree.leaves(model.params)[0].dtype == jnp.float32
+    with pytest.raises(Exception, match="train.dtype"):
+        TrainSettings(dtype="float16")

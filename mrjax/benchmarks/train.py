@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="share,plain", help="share (shared prompt prefix), plain, or both")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--remat", choices=("none", "full", "dots"), default="dots")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (bfloat16: bfloat16 matmul inputs, float32 accumulation and master weights; "
+                        "TRL then runs with bf16 autocast)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--no-flops", action="store_true", help="skip the cost analysis (two extra compiles a case)")
     p.add_argument("--reference", choices=("auto", "trl", "none"), default="auto",
@@ -70,13 +73,14 @@ def _rows(kind: str, n: int) -> list[dict]:
     raise ValueError(f"workload {kind!r} is not one of {', '.join(WORKLOADS)}")
 
 
-def matmul_rate(size: int, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 [size, size] @ [size, size] (median of ``repeats`` after a warm-up)."""
+def matmul_rate(size: int, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted [size, size] @ [size, size] in ``dtype`` (bfloat16: float32 accumulation), the
+    median of ``repeats`` after a warm-up."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), jnp.float32)
-    dot = jax.jit(jnp.dot)
+    a = jnp.ones((size, size), dtype)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     dot(a, a).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -172,9 +176,11 @@ def time_step(case: Case, share: bool, steps: int) -> dict:
             "slots": {k: int(batch[k].shape[-1]) for k in ("shared_tokens", "prefix_tokens", "tokens") if k in batch}}
 
 
-def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_length: int, out_dir: Any) -> dict:
+def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_length: int, out_dir: Any,
+                     bf16: bool = False) -> dict:
     """TRL's trainer for ``kind`` on ``rows`` (one batch of all of them a step), ``steps`` + 1 steps:
-    the median step time after the first, and the tokens TRL fed its first step."""
+    the median step time after the first, and the tokens TRL fed its first step. ``bf16``: float32
+    weights under bf16 autocast (HF Trainer's ``bf16=True``)."""
     import contextlib
     import sys
 
@@ -204,7 +210,7 @@ def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_l
     common = dict(output_dir=str(out_dir), per_device_train_batch_size=len(rows), gradient_accumulation_steps=1,
                   max_steps=steps + 1, learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0,
                   max_grad_norm=1.0, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
-                  bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                  bf16=bf16, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
                   max_length=max_length)  # no gradient checkpointing: the default
     if kind.startswith("sft"):
         from trl import SFTConfig, SFTTrainer
@@ -228,7 +234,7 @@ def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_l
         trainer.train()
     del trainer, model
     return {"step_s": statistics.median(times[1:]), "first_step_s": times[0], "tokens_per_step": sum(tokens),
-            "version": __import__("trl").__version__, "threads": torch.get_num_threads()}
+            "version": __import__("trl").__version__, "threads": torch.get_num_threads(), "bf16": bf16}
 
 
 def _trl_available(choice: str) -> bool:
@@ -244,9 +250,10 @@ def _trl_available(choice: str) -> bool:
 
 
 def run_cases(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
-    peak = matmul_rate(args.matmul_size)
-    out: dict[str, Any] = {"matmul_flops_per_s": peak, "matmul": f"{args.matmul_size}x{args.matmul_size} float32",
-                           "rows": args.rows, "remat": args.remat}
+    dtype = getattr(args, "dtype", "float32")
+    peak = matmul_rate(args.matmul_size, dtype=dtype)
+    out: dict[str, Any] = {"matmul_flops_per_s": peak, "matmul": f"{args.matmul_size}x{args.matmul_size} {dtype}",
+                           "dtype": dtype, "rows": args.rows, "remat": args.remat}
     for kind in [w for w in args.workloads.split(",") if w]:
         case = Case(model, tokenizer, kind, _rows(kind, args.rows), args.max_length)
         for mode in [m for m in args.modes.split(",") if m]:
@@ -269,7 +276,7 @@ def run_cases(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 hf_dir = model.save_pretrained(Path(tmp) / "hf", tokenizer)
                 ref = trl_step_seconds(hf_dir, kind, _rows(kind, args.rows), args.steps, args.max_length,
-                                       Path(tmp) / "trl")
+                                       Path(tmp) / "trl", bf16=dtype == "bfloat16")
             release_memory()
             out[f"{kind}/trl"] = ref
             ours = out.get(f"{kind}/share", out.get(f"{kind}/plain"))
@@ -286,5 +293,5 @@ def run(args: argparse.Namespace) -> dict:
 
     remat = args.remat != "none"
     model, tokenizer = load_pretrained(args.model, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-                                       remat=remat, remat_policy=args.remat if remat else "full", progress=False)
+                                       dtype=getattr(args, "dtype", "float32"), remat=remat, remat_policy=args.remat if remat else "full", progress=False)
     return run_cases(model, tokenizer, args)
