@@ -88,17 +88,18 @@ class TrainSettings:
     shuffle: bool = True  # seed-shuffled order, a new permutation every epoch
     min_bucket: int = 16  # shortest padded segment; lengths pad to powers of two, then multiples of 128
     max_logits_mb: int = 1024  # largest float32 logits block computed at once; larger batches chunk the sequence
-    # Compute dtype of the training steps and their log-probs ("": model.dtype). bfloat16: bfloat16 matmuls
-    # with float32 accumulation, float32 weights split into two bfloat16 parts (updates smaller than a
-    # bfloat16 step still count) and float32 optimizer state; XLA:CPU runs them ~3x faster with AMX.
+    # Compute dtype of the training steps and their log-probs ("": model.dtype; "auto": bfloat16 where the
+    # backend multiplies bfloat16 fast (TPU, GPU, a CPU with AMX or AVX-512 BF16), else float32). bfloat16:
+    # bfloat16 matmuls with float32 accumulation, float32 weights split into two bfloat16 parts (updates
+    # smaller than a bfloat16 step still count) and float32 optimizer state.
     dtype: str = ""
 
     def __post_init__(self):
         _check(self.kind in ("dpo", "sft"), "train.kind", f"must be 'dpo' or 'sft', got {self.kind!r}")
         _check(self.schedule in ("cosine", "linear", "constant"), "train.schedule",
                f"must be cosine, linear or constant, got {self.schedule!r}")
-        _check(self.dtype in ("",) + tuple(DTYPES), "train.dtype",
-               f"must be empty (the model's) or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.dtype in ("", "auto") + tuple(DTYPES), "train.dtype",
+               f"must be empty (the model's), auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_length", "batch_size", "grad_accum", "epochs", "save_every", "keep_checkpoints",
                      "log_every", "min_bucket", "max_logits_mb"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be at least 1, got {getattr(self, name)}")

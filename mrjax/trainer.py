@@ -34,7 +34,7 @@ from mrjax.config import Config, ConfigError, to_dict
 from mrjax.data import (Batcher, Examples, batch_groups, load_examples, sequential_batches, steps_per_epoch,
                         write_text)
 from mrjax.mesh import agreed, batch_ways, fetch, is_main_process
-from mrjax.model.pretrained import resolve_dtype
+from mrjax.model.pretrained import training_dtype
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,11 @@ class Trainer:
         self.progress, self.callbacks = progress, list(callbacks)
         self.mesh = model.mesh
         # The module the steps and log-probs run (train.dtype may differ from the sampler's model.dtype).
-        self.module = model.module if not config.train.dtype else model.module.clone(
-            dtype=resolve_dtype(config.train.dtype))
+        dtype = training_dtype(config.train.dtype, model.module.dtype)
+        self.module = model.module if dtype == model.module.dtype else model.module.clone(dtype=dtype)
+        if dtype != model.module.dtype:
+            log.info("training steps compute in %s (train.dtype=%s); the model samples in %s", jnp.dtype(dtype).name,
+                     config.train.dtype, jnp.dtype(model.module.dtype).name)
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         ways = batch_ways(self.mesh)
         if self.micro_batch % ways:

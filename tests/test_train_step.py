@@ -616,3 +616,7 @@ def test_train_dtype_sets_the_steps_compute_dtype_only(tiny):
     assert jax.tree.leaves(model.params)[0].dtype == jnp.float32
     with pytest.raises(Exception, match="train.dtype"):
         TrainSettings(dtype="float16")
+    from mrjax.model.pretrained import fast_bfloat16, training_dtype
+
+    assert training_dtype("auto", jnp.float32) == (jnp.bfloat16 if fast_bfloat16() else jnp.float32)
+    assert training_dtype("", jnp.float32) == jnp.float32 and training_dtype("float32", jnp.bfloat16) == jnp.float32

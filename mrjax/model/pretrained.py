@@ -27,6 +27,27 @@ def resolve_dtype(name: Any) -> Any:
     return name
 
 
+def fast_bfloat16() -> bool:
+    """Whether the default backend multiplies bfloat16 faster than float32: TPUs and GPUs, and CPUs with
+    AMX or AVX-512 BF16 (read from /proc/cpuinfo; elsewhere XLA:CPU emulates bfloat16 products)."""
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def training_dtype(name: str, model_dtype: Any) -> Any:
+    """``train.dtype``'s dtype: empty for the model's, ``auto`` for bfloat16 where ``fast_bfloat16``."""
+    if not name:
+        return model_dtype
+    if name == "auto":
+        return jnp.bfloat16 if fast_bfloat16() else jnp.float32
+    return resolve_dtype(name)
+
+
 class Model:
     """A Llama model on a mesh: ``model(input_ids) -> float32 logits [B, T, vocab]``.
 
