@@ -335,10 +335,6 @@ def _f(v: Any, digits: int = 1, pct: bool = False) -> str:
     return str(v)
 
 
-def _interval(figures: dict, name: str) -> str:
-    return f"{_f(figures[name], 3)} [{_f(figures[name + '_low'], 3)}, {_f(figures[name + '_high'], 3)}]"
-
-
 def _with_interval(figures: dict, name: str, digits: int = 2, pct: bool = False) -> str:
     """``value [low, high]`` when the figures carry an interval, else the value alone."""
     if figures.get(f"{name}_low") is None:
@@ -350,7 +346,7 @@ def _with_interval(figures: dict, name: str, digits: int = 2, pct: bool = False)
 def _before_after(before: dict | None, after: dict | None, name: str) -> str:
     if not before or not after:
         return "-"
-    return f"{_f(before[name], 3)} -> {_interval(after, name)}"
+    return f"{_f(before[name], 3)} -> {_with_interval(after, name, 3)}"
 
 
 def run_table(root: str | Path) -> str:
@@ -383,7 +379,7 @@ def run_table(root: str | Path) -> str:
     row("mean response chars", "", lambda it: _f(it["mean_response_chars"], 0))
     row("pairs: actor / judge", "", lambda it: f"{it['actor_pairs']} / {it['judge_pairs']}")
     row("DPO pairs trained / held out", "", lambda it: f"{it['dpo_pairs'] or 0} / {it['dpo_held_out_pairs'] or 0}")
-    row("DPO accuracy, trained", "", lambda it: _interval(it["dpo_train_after"], "accuracy")
+    row("DPO accuracy, trained", "", lambda it: _with_interval(it["dpo_train_after"], "accuracy", 3)
         if it.get("dpo_train_after") else "-")
     row("DPO accuracy, held out", "", lambda it: _before_after(it.get("dpo_held_out_before"),
                                                               it.get("dpo_held_out_after"), "accuracy"))
@@ -450,7 +446,7 @@ def build_blocks(root: Path, data: dict, pictures: dict[str, Path | None]) -> li
             b.append(("table", ["iteration", "pairs trained / held out", "trained: accuracy after",
                                 "held out: accuracy before -> after", "held out: loss before -> after"],
                       [[str(t), f"{it['dpo_pairs']} / {it['dpo_held_out_pairs'] or 0}",
-                        _interval(it["dpo_train_after"], "accuracy"),
+                        _with_interval(it["dpo_train_after"], "accuracy", 3),
                         _before_after(it["dpo_held_out_before"], it["dpo_held_out_after"], "accuracy"),
                         _before_after(it["dpo_held_out_before"], it["dpo_held_out_after"], "loss")]
                        for t, it in dpo]))
