@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from mrjax.mesh import constrain
@@ -184,6 +185,9 @@ def _mixed_matmul_bwd(saved, g):
 mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
+PROJECTION = "projection"  # the name of a bfloat16 weight product's result, for the remat policy
+
+
 def project(x: jax.Array, w: jax.Array, dtype: Any, in_dims: int = 1) -> jax.Array:
     """x [..., *w.shape[:in_dims]] contracted with w's first ``in_dims`` axes, in ``dtype``.
 
@@ -193,7 +197,8 @@ def project(x: jax.Array, w: jax.Array, dtype: Any, in_dims: int = 1) -> jax.Arr
         return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=in_dims)
     lead, contracted, out = x.shape[:x.ndim - in_dims], w.shape[:in_dims], w.shape[in_dims:]
     flat = mixed_matmul(x.reshape(-1, math.prod(contracted)), w.reshape(math.prod(contracted), -1))
-    return flat.reshape(*lead, *out).astype(dtype)
+    # Named, so that remat "dots" keeps this bfloat16 result rather than the split's float32 [n, 2m] product.
+    return checkpoint_name(flat.reshape(*lead, *out).astype(dtype), PROJECTION)
 
 
 # The residual stream's dtype in every compute dtype: in bfloat16 only the matmul inputs are rounded,
@@ -337,6 +342,14 @@ REMAT_POLICIES = {
 }
 
 
+def remat_policy(name: str, dtype: Any):
+    """``REMAT_POLICIES[name]``; in bfloat16, "dots" keeps the named weight products (``project``'s
+    bfloat16 results) instead of the dots inside ``mixed_matmul`` (float32, twice as wide)."""
+    if name == "dots" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        return jax.checkpoint_policies.save_only_these_names(PROJECTION)
+    return REMAT_POLICIES[name]
+
+
 class Llama(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32  # compute dtype; logits are always float32
@@ -371,7 +384,7 @@ class Llama(nn.Module):
         block = Block
         if self.remat:
             # Inside the scan XLA cannot merge the recomputation with the forward pass; unrolled it could.
-            block = nn.remat(Block, prevent_cse=self.unroll_layers, policy=REMAT_POLICIES[self.remat_policy])
+            block = nn.remat(Block, prevent_cse=self.unroll_layers, policy=remat_policy(self.remat_policy, self.dtype))
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
