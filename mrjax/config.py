@@ -90,9 +90,11 @@ class TrainSettings:
     max_logits_mb: int = 1024  # largest float32 logits block computed at once; larger batches chunk the sequence
     # Compute dtype of the training steps and their log-probs ("": model.dtype; "auto": bfloat16 where the
     # backend multiplies bfloat16 fast (TPU, GPU, a CPU with AMX or AVX-512 BF16), else float32). bfloat16:
-    # bfloat16 matmuls with float32 accumulation, float32 weights split into two bfloat16 parts (updates
-    # smaller than a bfloat16 step still count) and float32 optimizer state.
+    # bfloat16 matmuls with float32 accumulation and float32 parameters and optimizer state.
     dtype: str = ""
+    # In bfloat16, each float32 weight enters the matmuls as two bfloat16 parts (~16 bits), so updates
+    # smaller than a bfloat16 step count; it doubles the forward's weight products.
+    split_weights: bool = False
 
     def __post_init__(self):
         _check(self.kind in ("dpo", "sft"), "train.kind", f"must be 'dpo' or 'sft', got {self.kind!r}")

@@ -87,7 +87,9 @@ class Trainer:
         self.mesh = model.mesh
         # The module the steps and log-probs run (train.dtype may differ from the sampler's model.dtype).
         dtype = training_dtype(config.train.dtype, model.module.dtype)
-        self.module = model.module if dtype == model.module.dtype else model.module.clone(dtype=dtype)
+        split = bool(config.train.split_weights) and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+        self.module = (model.module if dtype == model.module.dtype and split == model.module.split_weights
+                       else model.module.clone(dtype=dtype, split_weights=split))
         if dtype != model.module.dtype:
             log.info("training steps compute in %s (train.dtype=%s); the model samples in %s", jnp.dtype(dtype).name,
                      config.train.dtype, jnp.dtype(model.module.dtype).name)

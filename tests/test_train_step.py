@@ -583,21 +583,25 @@ def test_mixed_matmul_and_its_gradients_match_float64():
     w16 = np.asarray(w.astype(jnp.bfloat16), np.float64)
     w64 = np.asarray(w, np.float64)
 
-    y = np.asarray(jax.jit(mixed_matmul)(x, w), np.float64)
+    y = np.asarray(jax.jit(mixed_matmul, static_argnums=2)(x, w, True), np.float64)
     scale = np.abs(x16 @ w64).max()
     assert np.abs(y - x16 @ w64).max() <= 1e-5 * scale  # w's low part counts ...
     assert np.abs(x16 @ w16 - x16 @ w64).max() > 1e-4 * scale  # ... where rounding w alone would not do
+    rounded = np.asarray(mixed_matmul(x, w), np.float64)  # without the split: w rounded, as autocast does
+    assert np.abs(rounded - x16 @ w16).max() <= 1e-5 * scale
 
-    dx, dw = jax.grad(lambda x, w: jnp.sum(mixed_matmul(x, w) * cot), argnums=(0, 1))(x, w)
-    c64 = np.asarray(cot, np.float64)
-    np.testing.assert_allclose(np.asarray(dx), c64 @ w16.T, rtol=0, atol=1e-5 * np.abs(c64 @ w16.T).max())
-    np.testing.assert_allclose(np.asarray(dw), x16.T @ c64, rtol=0, atol=1e-5 * np.abs(x16.T @ c64).max())
-    assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+    for split in (False, True):
+        dx, dw = jax.grad(lambda x, w: jnp.sum(mixed_matmul(x, w, split) * cot), argnums=(0, 1))(x, w)
+        c64 = np.asarray(cot, np.float64)
+        np.testing.assert_allclose(np.asarray(dx), c64 @ w16.T, rtol=0, atol=1e-5 * np.abs(c64 @ w16.T).max())
+        np.testing.assert_allclose(np.asarray(dw), x16.T @ c64, rtol=0, atol=1e-5 * np.abs(x16.T @ c64).max())
+        assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
 
     # project() flattens and restores the einsum's axes: [B, T, h, d] x [h, d, e] over two axes.
     a = jax.random.normal(kx, (2, 3, 4, 5), jnp.float32)
     b = jax.random.normal(kw, (4, 5, 6), jnp.float32)
-    want = np.einsum("bthd,hde->bte", np.asarray(a.astype(jnp.bfloat16), np.float64), np.asarray(b, np.float64))
+    want = np.einsum("bthd,hde->bte", np.asarray(a.astype(jnp.bfloat16), np.float64),
+                     np.asarray(b.astype(jnp.bfloat16), np.float64))
     got = project(a, b, jnp.bfloat16, in_dims=2)
     assert got.shape == (2, 3, 6) and got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=1e-2)
@@ -610,9 +614,10 @@ def test_train_dtype_sets_the_steps_compute_dtype_only(tiny):
     from mrjax.trainer import Trainer
 
     model, tok = tiny
-    config = Config(train=TrainSettings(kind="dpo", batch_size=8, dtype="bfloat16"))
+    config = Config(train=TrainSettings(kind="dpo", batch_size=8, dtype="bfloat16", split_weights=True))
     trainer = Trainer(config, model, tok)
     assert trainer.module.dtype == jnp.bfloat16 and model.module.dtype == jnp.float32
+    assert trainer.module.split_weights and not model.module.split_weights
     assert jax.tree.leaves(model.params)[0].dtype == jnp.float32
     with pytest.raises(Exception, match="train.dtype"):
         TrainSettings(dtype="float16")

@@ -13,6 +13,7 @@ Every parameter and main activation names logical axes (see ``mrjax.mesh``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -138,8 +139,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def _physically_transposed(a: jax.Array) -> jax.Array:
-    """``a.T`` [n, m] laid out row-major in memory (XLA would otherwise fold the transpose into the dot,
-    and XLA:CPU's fast bfloat16 matmuls (AMX / AVX-512 BF16) take only row-major operands)."""
+    """``a.T``; on CPU laid out row-major in memory (XLA would otherwise fold the transpose into the dot,
+    and XLA:CPU's fast bfloat16 matmuls (AMX / AVX-512 BF16) take only row-major operands; GPU and TPU
+    matmuls read transposed operands as they are)."""
+    if jax.default_backend() != "cpu":
+        return a.T
     return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
 
 
@@ -149,32 +153,35 @@ def _split_bfloat16(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return high, (w.astype(jnp.float32) - high.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _mixed_forward(x16: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if w.dtype == jnp.bfloat16:  # bfloat16 weights (a sampler's): nothing to split
-        return jnp.dot(x16, w, preferred_element_type=jnp.float32), w
+def _mixed_forward(x16: jax.Array, w: jax.Array, split: bool) -> tuple[jax.Array, jax.Array]:
+    if not split or w.dtype == jnp.bfloat16:  # w rounded to bfloat16 (bfloat16 weights: nothing to split)
+        w16 = w.astype(jnp.bfloat16)
+        return jnp.dot(x16, w16, preferred_element_type=jnp.float32), w16
     high, low = _split_bfloat16(w)
     m = w.shape[1]
     both = jnp.dot(x16, jnp.concatenate([high, low], axis=1), preferred_element_type=jnp.float32)
     return both[:, :m] + both[:, m:], high
 
 
-@jax.custom_vjp
-def mixed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """[n, k] @ [k, m] from bfloat16 matmuls with float32 accumulation: x rounded to bfloat16, w split
-    into two bfloat16 parts (so the product keeps about 16 bits of w: an optimizer's small updates to
-    float32 weights count, where w rounded to bfloat16 would move only when an update crosses a
-    rounding boundary), and both gradients as one bfloat16 matmul each. XLA:CPU runs row-major
-    bfloat16 matmuls about 4x faster than float32's where the CPU has AMX."""
-    return _mixed_forward(x.astype(jnp.bfloat16), w)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x: jax.Array, w: jax.Array, split: bool = False) -> jax.Array:
+    """[n, k] @ [k, m] from bfloat16 matmuls with float32 accumulation: x and w rounded to bfloat16
+    (as autocast does), or with ``split`` w as the sum of two bfloat16 parts (so the product keeps
+    about 16 bits of w: an optimizer's small updates to float32 weights count, where w rounded to
+    bfloat16 moves only when updates cross a rounding boundary, and then by a whole bfloat16 step; it
+    doubles the forward products). Both gradients are one bfloat16 matmul each, of row-major
+    operands: XLA:CPU runs those about 4x faster than float32's where the CPU has AMX, and falls
+    back to float32 speed for a transposed operand."""
+    return _mixed_forward(x.astype(jnp.bfloat16), w, split)[0]
 
 
-def _mixed_matmul_fwd(x, w):
+def _mixed_matmul_fwd(x, w, split):
     x16 = x.astype(jnp.bfloat16)
-    y, high = _mixed_forward(x16, w)
+    y, high = _mixed_forward(x16, w, split)
     return y, (x16, high, jnp.zeros(0, x.dtype), jnp.zeros(0, w.dtype))
 
 
-def _mixed_matmul_bwd(saved, g):
+def _mixed_matmul_bwd(split, saved, g):
     x16, w16, x_like, w_like = saved  # the inputs' dtypes, as empty arrays (residuals must be arrays)
     g16 = g.astype(jnp.bfloat16)
     dx = jnp.dot(g16, _physically_transposed(w16), preferred_element_type=jnp.float32)
@@ -188,15 +195,15 @@ mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 PROJECTION = "projection"  # the name of a bfloat16 weight product's result, for the remat policy
 
 
-def project(x: jax.Array, w: jax.Array, dtype: Any, in_dims: int = 1) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, dtype: Any, in_dims: int = 1, split: bool = False) -> jax.Array:
     """x [..., *w.shape[:in_dims]] contracted with w's first ``in_dims`` axes, in ``dtype``.
 
-    float32: one einsum. bfloat16: ``mixed_matmul`` of the flattened operands (float32 accumulation),
-    the result rounded to bfloat16 as a bfloat16 einsum's would be."""
+    float32: one einsum. bfloat16: ``mixed_matmul`` of the flattened operands (float32 accumulation;
+    ``split``: w kept to about 16 bits), the result rounded to bfloat16 as a bfloat16 einsum's would be."""
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
         return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=in_dims)
     lead, contracted, out = x.shape[:x.ndim - in_dims], w.shape[:in_dims], w.shape[in_dims:]
-    flat = mixed_matmul(x.reshape(-1, math.prod(contracted)), w.reshape(math.prod(contracted), -1))
+    flat = mixed_matmul(x.reshape(-1, math.prod(contracted)), w.reshape(math.prod(contracted), -1), split)
     # Named, so that remat "dots" keeps this bfloat16 result rather than the split's float32 [n, 2m] product.
     return checkpoint_name(flat.reshape(*lead, *out).astype(dtype), PROJECTION)
 
@@ -252,6 +259,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     mesh: Mesh | None = None
+    split_weights: bool = False
 
     @nn.compact
     def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
@@ -263,9 +271,9 @@ class Attention(nn.Module):
         wo = _param(self, "o", (h, d, e), ("heads", "head_dim", "embed"))
 
         inv_freq = rope_frequencies(c)
-        q = apply_rope(project(x, wq, self.dtype), positions, inv_freq)
-        key = apply_rope(project(x, wk, self.dtype), positions, inv_freq)
-        value = project(x, wv, self.dtype)
+        q = apply_rope(project(x, wq, self.dtype, split=self.split_weights), positions, inv_freq)
+        key = apply_rope(project(x, wk, self.dtype, split=self.split_weights), positions, inv_freq)
+        value = project(x, wv, self.dtype, split=self.split_weights)
         q = constrain(q, self.mesh, ("batch", "seq", "heads", None))
 
         T = x.shape[1]
@@ -293,7 +301,7 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(self.dtype)).reshape(x.shape[0], T, h, d)
-        return project(out, wo, self.dtype, in_dims=2), new_cache
+        return project(out, wo, self.dtype, in_dims=2, split=self.split_weights), new_cache
 
 
 class MLP(nn.Module):
@@ -301,6 +309,7 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     mesh: Mesh | None = None
+    split_weights: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -308,9 +317,10 @@ class MLP(nn.Module):
         gate = _param(self, "gate", (e, m), ("embed", "mlp"))
         up = _param(self, "up", (e, m), ("embed", "mlp"))
         down = _param(self, "down", (m, e), ("mlp", "embed"))
-        hidden = swiglu(project(x, gate, self.dtype), project(x, up, self.dtype))
+        split = self.split_weights
+        hidden = swiglu(project(x, gate, self.dtype, split=split), project(x, up, self.dtype, split=split))
         hidden = constrain(hidden, self.mesh, ("batch", "seq", "mlp"))
-        return project(hidden, down, self.dtype)
+        return project(hidden, down, self.dtype, split=self.split_weights)
 
 
 class Block(nn.Module):
@@ -318,16 +328,18 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     mesh: Mesh | None = None
+    split_weights: bool = False
 
     @nn.compact
     def __call__(self, x, layer_cache, positions, kv_mask, cache_index):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
-        attn_out, new_cache = Attention(self.config, mesh=self.mesh, name="attn", **kw)(
+        split = dict(split_weights=self.split_weights)
+        attn_out, new_cache = Attention(self.config, mesh=self.mesh, name="attn", **kw, **split)(
             RMSNorm(eps, name="attn_norm", **kw)(x), positions, kv_mask, layer_cache, cache_index
         )
         x = (x + attn_out).astype(RESIDUAL_DTYPE)
-        x = (x + MLP(self.config, mesh=self.mesh, name="mlp", **kw)(RMSNorm(eps, name="mlp_norm", **kw)(x))).astype(
+        x = (x + MLP(self.config, mesh=self.mesh, name="mlp", **kw, **split)(RMSNorm(eps, name="mlp_norm", **kw)(x))).astype(
             RESIDUAL_DTYPE)
         x = constrain(x, self.mesh, ("batch", "seq", None))
         return x, new_cache
@@ -358,6 +370,7 @@ class Llama(nn.Module):
     mesh: Mesh | None = None  # for activation sharding constraints
     remat_policy: str = "full"  # "full": recompute everything; "dots": keep matmul outputs
     unroll_layers: bool = False  # the layer loop unrolled (mrjax.plan: XLA's cost analysis counts a loop body once)
+    split_weights: bool = False  # bfloat16 compute: weights as two bfloat16 parts (mixed_matmul's split)
 
     @nn.compact
     def __call__(
@@ -393,7 +406,7 @@ class Llama(nn.Module):
             length=c.num_layers,
             unroll=c.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, mesh=self.mesh, name="layers", **kw)
+        )(c, mesh=self.mesh, name="layers", split_weights=self.split_weights, **kw)
         layer_caches = None if cache is None else (cache.k, cache.v)
         x, new_caches = layers(x, layer_caches, positions, kv_mask, jnp.asarray(cache_index, jnp.int32))
         x = RMSNorm(c.rms_norm_eps, name="final_norm", **kw)(x)
