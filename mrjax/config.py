@@ -86,7 +86,9 @@ class TrainSettings:
     eval_every: int = 0  # evaluate eval_pairs every N steps; 0 = only at the end
     resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints
     shuffle: bool = True  # seed-shuffled order, a new permutation every epoch
-    min_bucket: int = 16  # shortest padded segment; lengths pad to powers of two, then multiples of 128
+    # Training rows pad up to a multiple of this many tokens (one compiled program per group of rows whatever
+    # its lengths, so coarser padding only adds work).
+    pad_multiple: int = 16
     max_logits_mb: int = 1024  # largest float32 logits block computed at once; larger batches chunk the sequence
     # Compute dtype of the training steps and their log-probs ("": model.dtype; "auto": bfloat16 where the
     # backend multiplies bfloat16 fast (TPU, GPU, a CPU with AMX or AVX-512 BF16), else float32). bfloat16:
@@ -103,7 +105,7 @@ class TrainSettings:
         _check(self.dtype in ("", "auto") + tuple(DTYPES), "train.dtype",
                f"must be empty (the model's), auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_length", "batch_size", "grad_accum", "epochs", "save_every", "keep_checkpoints",
-                     "log_every", "min_bucket", "max_logits_mb"):
+                     "log_every", "pad_multiple", "max_logits_mb"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_every", "learning_rate", "weight_decay", "max_grad_norm", "adam_eps"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must not be negative, got {getattr(self, name)}")

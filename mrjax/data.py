@@ -409,25 +409,14 @@ def load_examples(path: str | Path, tokenizer: Any, kind: str, max_length: int) 
 # ---------------------------------------------------------------- batches
 
 
-BUCKET_STEP = 128  # past this length buckets grow by this much instead of doubling
+# Training rows pad up to a multiple of this many tokens (``train.pad_multiple``). A batch group's shape
+# (``batch_groups``) compiles one program whatever its lengths, so coarser padding would only add work.
+PAD_MULTIPLE = 16
 
 
-def bucket_length(n: int, minimum: int, maximum: int) -> int:
-    """Padded length ≥ max(n, minimum), at most ``maximum`` (≥ n): powers of two up to
-    ``BUCKET_STEP``, then multiples of it (a 540-token judge prompt pads to 640, not 1024)."""
-    size = max(int(minimum), 1)
-    while size < n:
-        size = size * 2 if size < BUCKET_STEP else (size // BUCKET_STEP + 1) * BUCKET_STEP
-    return max(min(size, int(maximum)), int(n))
-
-
-# A group's shape (``batch_groups``) compiles once whatever its lengths, so it pads only to a multiple of this.
-GROUP_ROUNDING = 16
-
-
-def group_length(n: int, maximum: int) -> int:
-    """A group's padded length: ``n`` rounded up to a multiple of GROUP_ROUNDING, at most ``maximum`` (≥ n)."""
-    return max(min(-(-max(int(n), 1) // GROUP_ROUNDING) * GROUP_ROUNDING, int(maximum)), int(n))
+def group_length(n: int, maximum: int, multiple: int = PAD_MULTIPLE) -> int:
+    """A padded length: ``n`` rounded up to a multiple of ``multiple``, at most ``maximum`` (≥ n)."""
+    return max(min(-(-max(int(n), 1) // int(multiple)) * int(multiple), int(maximum)), int(n))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -463,13 +452,15 @@ class BatchGroup:
     shape: BatchShape
 
 
-def batch_groups(examples: Examples, batch_size: int, max_length: int) -> list[BatchGroup]:
+def batch_groups(
+    examples: Examples, batch_size: int, max_length: int, pad_multiple: int = PAD_MULTIPLE
+) -> list[BatchGroup]:
     """The groups that batches never mix: each prompt template (``prefix_groups``) with at least
     ``batch_size`` rows (the loop's judge pairs, the EFT stage's judge rows, its meta-judge rows), then
     all other rows together; in the order of their first rows. Each with the shape its batches pad to:
     the shared part is the prefix common to all of the group's rows (when at least MIN_SHARED_TOKENS),
-    and each length is the group's longest rounded up to a multiple of GROUP_ROUNDING (a group compiles
-    one program whatever its lengths, so coarser buckets would only add padded work)."""
+    and each length is the group's longest rounded up to a multiple of ``pad_multiple`` (a group
+    compiles one program whatever its lengths, so coarser padding would only add work)."""
     by_key: dict[bytes, list[int]] = {}
     for i, key in enumerate(prefix_groups(examples)):
         by_key.setdefault(key, []).append(i)
@@ -483,8 +474,8 @@ def batch_groups(examples: Examples, batch_size: int, max_length: int) -> list[B
         shared = shared if shared >= MIN_SHARED_TOKENS else 0
         shape = BatchShape(
             shared,
-            group_length(max(len(h) for h in heads) - shared, max_length),
-            group_length(max(len(c) for i in members for c in examples.completions[i]), max_length),
+            group_length(max(len(h) for h in heads) - shared, max_length, pad_multiple),
+            group_length(max(len(c) for i in members for c in examples.completions[i]), max_length, pad_multiple),
         )
         out.append(BatchGroup(np.asarray(members, np.int64), shape))
     return out
@@ -512,7 +503,7 @@ def make_batch(
     micro_batches: int,
     pad_id: int,
     max_length: int,
-    min_bucket: int = 16,
+    pad_multiple: int = PAD_MULTIPLE,
     share_prefix: bool = True,
     shape: BatchShape | None = None,
 ) -> dict[str, np.ndarray]:
@@ -556,12 +547,12 @@ def make_batch(
     if shape is not None and share_prefix:
         if longest_rest > shape.prefix_len or longest_completion > shape.length:
             raise ValueError(f"rows longer than their group's shape {shape}")
-        shared_len = group_length(shape.shared_tokens, max_length) if shape.shared_tokens else 0
+        shared_len = group_length(shape.shared_tokens, max_length, pad_multiple) if shape.shared_tokens else 0
         prefix_len, length = shape.prefix_len, shape.length
     else:
-        shared_len = bucket_length(int(shared_of.max()), min_bucket, max_length) if shared_of.max() else 0
-        prefix_len = bucket_length(longest_rest, min_bucket, max_length)
-        length = bucket_length(longest_completion, min_bucket, max_length)
+        shared_len = group_length(int(shared_of.max()), max_length, pad_multiple) if shared_of.max() else 0
+        prefix_len = group_length(longest_rest, max_length, pad_multiple)
+        length = group_length(longest_completion, max_length, pad_multiple)
 
     prefix_tokens = np.full((batch_size, prefix_len), pad_id, np.int32)
     prefix_positions = np.zeros((batch_size, prefix_len), np.int32)
@@ -642,13 +633,13 @@ class Batcher:
         pad_id: int,
         max_length: int,
         shuffle: bool = True,
-        min_bucket: int = 16,
+        pad_multiple: int = PAD_MULTIPLE,
     ):
         self.examples, self.batch_size, self.micro_batches = examples, batch_size, micro_batches
-        self.seed, self.pad_id, self.max_length, self.shuffle, self.min_bucket = (
-            seed, pad_id, max_length, shuffle, min_bucket
+        self.seed, self.pad_id, self.max_length, self.shuffle, self.pad_multiple = (
+            seed, pad_id, max_length, shuffle, pad_multiple
         )
-        self.groups = batch_groups(examples, batch_size, max_length)
+        self.groups = batch_groups(examples, batch_size, max_length, pad_multiple)
         self.steps_per_epoch = steps_per_epoch(self.groups, batch_size)
         self._epoch: tuple[int, list[tuple[np.ndarray, BatchShape]]] | None = None  # made once per epoch
 
@@ -679,7 +670,7 @@ class Batcher:
         idx, shape = self._batches(pos.epoch)[pos.batch]
         return (
             make_batch(self.examples, idx, self.batch_size, self.micro_batches, self.pad_id, self.max_length,
-                       self.min_bucket, shape=shape),
+                       self.pad_multiple, shape=shape),
             idx,
         )
 
@@ -690,14 +681,14 @@ def steps_per_epoch(groups: Sequence[BatchGroup], batch_size: int) -> int:
 
 
 def sequential_batches(
-    examples: Examples, batch_size: int, pad_id: int, max_length: int, min_bucket: int = 16
+    examples: Examples, batch_size: int, pad_id: int, max_length: int, pad_multiple: int = PAD_MULTIPLE
 ) -> Iterable[tuple[dict[str, np.ndarray], np.ndarray]]:
     """All examples, ``batch_size`` at a time, group by group (``batch_groups``: one shape a group), each
     group in file order (for reference log-probs and evaluation)."""
-    for group in batch_groups(examples, batch_size, max_length):
+    for group in batch_groups(examples, batch_size, max_length, pad_multiple):
         for start in range(0, len(group.members), batch_size):
             idx = group.members[start:start + batch_size]
-            yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, min_bucket, shape=group.shape), idx
+            yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, pad_multiple, shape=group.shape), idx
 
 
 __all__ = [
@@ -708,8 +699,8 @@ __all__ = [
     "DataPosition",
     "Examples",
     "GROUP_PREFIX_TOKENS",
+    "PAD_MULTIPLE",
     "SEED_PROMPTS",
-    "bucket_length",
     "dedupe_prompts",
     "judge_sft_row",
     "meta_judge_sft_row",
@@ -723,6 +714,7 @@ __all__ = [
     "write_text",
     "end_of_turn_text",
     "epoch_order",
+    "group_length",
     "prefix_groups",
     "batch_groups",
     "steps_per_epoch",

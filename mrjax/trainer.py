@@ -111,7 +111,7 @@ class Trainer:
 
     def _sequential(self, examples: Examples):
         return sequential_batches(examples, self.micro_batch, self.tokenizer.pad_id, self.train_settings.max_length,
-                                  self.train_settings.min_bucket)
+                                  self.train_settings.pad_multiple)
 
     def sequence_logps(self, examples: Examples, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Summed completion log-probs and token counts [n, r] of every example (default: the model's params)."""
@@ -172,7 +172,7 @@ class Trainer:
         t = self.train_settings
         if t.max_steps > 0:
             return t.max_steps
-        return t.epochs * steps_per_epoch(batch_groups(examples, t.batch_size, t.max_length), t.batch_size)
+        return t.epochs * steps_per_epoch(batch_groups(examples, t.batch_size, t.max_length, t.pad_multiple), t.batch_size)
 
     def train(
         self,
@@ -210,7 +210,7 @@ class Trainer:
         tx, shardings, step_fn = _memo(key, build)
         self.step_fn = step_fn
         batcher = Batcher(examples, t.batch_size, t.grad_accum, self.config.seed, self.tokenizer.pad_id,
-                          t.max_length, t.shuffle, t.min_bucket)
+                          t.max_length, t.shuffle, t.pad_multiple)
         run_meta = {
             "kind": self.kind,
             "data_fingerprint": examples.fingerprint,

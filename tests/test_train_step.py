@@ -458,8 +458,8 @@ def _judge_rows():
 
 def test_make_batch_splits_the_shared_prefix_by_hand():
     """Hand-worked: heads (prompt minus its last token) [1..40, 50, 51], [1..40, 60] and [1..40, 50, 70]
-    share 40 tokens; the shared part is left-padded to 64, each remainder continues at position 40."""
-    from mrjax.data import Examples, bucket_length, common_prefix_length
+    share 40 tokens; the shared part is left-padded to 48, each remainder continues at position 40."""
+    from mrjax.data import Examples, common_prefix_length
 
     common = np.arange(1, 41, dtype=np.int32)
     prompts = [np.r_[common, 50, 51, 9], np.r_[common, 60, 9], np.r_[common, 50, 70, 9]]
@@ -467,8 +467,8 @@ def test_make_batch_splits_the_shared_prefix_by_hand():
                         [1, 2, 3], "")
     assert common_prefix_length([p[:-1] for p in examples.prompts]) == 40
     batch = make_batch(examples, [0, 1, 2], 4, 1, 0, 256)  # the 4th row is weight-0 padding
-    S, P = bucket_length(40, 16, 256), bucket_length(2, 16, 256)
-    assert (S, P) == (64, 16) and batch["shared_tokens"].shape == (1, S) and batch["prefix_tokens"].shape == (1, 4, P)
+    S, P = 48, 16  # 40 and 2 tokens, padded up to multiples of 16
+    assert batch["shared_tokens"].shape == (1, S) and batch["prefix_tokens"].shape == (1, 4, P)
     np.testing.assert_array_equal(batch["shared_tokens"][0, S - 40:], common)
     np.testing.assert_array_equal(batch["shared_positions"][0, S - 40:], np.arange(40))
     assert batch["shared_mask"][0].sum() == 40 and batch["shared_mask"][0, S - 40:].all()

@@ -8,7 +8,7 @@ import pytest
 
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import load_config
-from mrjax.data import (Batcher, DataError, bucket_length, epoch_order, load_examples, make_batch,
+from mrjax.data import (Batcher, DataError, epoch_order, group_length, load_examples, make_batch,
                         read_rows, tokenize_rows, write_jsonl)
 from mrjax.trainer import Trainer, TrainingError
 
@@ -89,8 +89,8 @@ def test_make_batch_layout_by_hand(tiny):
     ex = tokenize_rows([(1, {"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye"})], tok, "dpo", 128)
     ex.ref_logps = np.array([[-1.0, -2.0]], np.float32)
     p, (c, r) = ex.prompts[0], ex.completions[0]
-    b = make_batch(ex, [0], 2, 1, tok.pad_id, 128, min_bucket=16)
-    P = bucket_length(len(p) - 1, 16, 128)
+    b = make_batch(ex, [0], 2, 1, tok.pad_id, 128, pad_multiple=16)
+    P = -(-(len(p) - 1) // 16) * 16  # the prompt without its last token, padded up to a multiple of 16
     assert b["prefix_tokens"].shape == (1, 2, P) and b["tokens"].shape == (1, 4, 16)
     # prefix: the prompt minus its last token, left-padded, positions from 0
     np.testing.assert_array_equal(b["prefix_tokens"][0, 0, P - len(p) + 1:], p[:-1])
@@ -107,8 +107,8 @@ def test_make_batch_layout_by_hand(tiny):
 
 
 def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
-    assert bucket_length(3, 16, 1024) == 16 and bucket_length(17, 16, 1024) == 32
-    assert bucket_length(300, 16, 256) == 300 and bucket_length(200, 16, 256) == 256
+    assert group_length(3, 1024) == 16 and group_length(17, 1024) == 32 and group_length(17, 1024, 8) == 24
+    assert group_length(300, 256) == 300 and group_length(250, 256) == 256 and group_length(0, 256) == 16
 
     class FakeExamples:
         kind, repeats = "sft", 1
@@ -144,7 +144,7 @@ def test_batches_keep_a_template_together_with_one_shape():
     groups = batch_groups(ex, 4, 1024)
     assert [list(g.members) for g in groups] == [[0, 2, 3, 5, 7, 8], [1, 4, 6, 9]]
     assert groups[0].shape.shared_tokens == 0 and groups[1].shape.shared_tokens == 64
-    b = Batcher(ex, batch_size=4, micro_batches=2, seed=3, pad_id=0, max_length=1024, min_bucket=16)
+    b = Batcher(ex, batch_size=4, micro_batches=2, seed=3, pad_id=0, max_length=1024, pad_multiple=16)
     assert b.steps_per_epoch == 3
     orders = set()
     for epoch in range(4):
