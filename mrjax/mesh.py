@@ -131,6 +131,20 @@ def release_memory() -> None:
         pass
 
 
+def allocate_large_blocks_apart(threshold: int = 1 << 20) -> None:
+    """Serve heap allocations of ``threshold`` bytes or more with their own pages (glibc's
+    M_MMAP_THRESHOLD), so a freed one goes back to the OS at once. glibc otherwise raises that
+    threshold to 32 MiB as blocks are freed, and XLA:CPU's many-MiB buffers then fragment the heap:
+    the pages a stage frees stay the process's until ``release_memory``. A no-op without glibc."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold))
+    except (OSError, AttributeError):
+        pass
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all) with axes (data, fsdp, tensor); one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)

@@ -268,3 +268,42 @@ def test_rope_scaling_llama3_is_not_silently_dropped(tiny_hf_dir):
     raw_yarn = dict(raw, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
     with pytest.raises(weights.WeightsError, match="'yarn' is not supported"):
         weights.config_from_hf(raw_yarn)
+
+
+def test_both_attention_paths_and_their_gradients_match_float64():
+    """The per-head loop (XLA:CPU, one device) and the batched einsum against a float64 numpy formula,
+    with grouped-query heads, a ragged mask and a fully masked query row (uniform over all keys)."""
+    import jax.numpy as jnp
+
+    from mrjax.model.llama import attend, attend_per_head
+
+    rng = np.random.default_rng(1)
+    B, T, S, k, g, d = 3, 12, 21, 2, 3, 8
+    q, keys, values = (rng.standard_normal(shape) for shape in ((B, T, k, g, d), (B, S, k, d), (B, S, k, d)))
+    allowed = rng.random((B, T, S)) < 0.6
+    allowed[:, :, 0] = True
+    allowed[1, 4] = False  # a padded query row
+
+    def reference(q, keys, values):
+        scores = np.einsum("btkgd,bskd->bkgts", q, keys) / np.sqrt(d)
+        scores = np.where(allowed[:, None, None], scores, -1e300)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        return np.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, k * g, d)
+
+    want = reference(q, keys, values)
+    cotangent = rng.standard_normal(want.shape)
+    eps = 1e-6  # central differences of <cotangent, out> along one random direction of each input
+    direction = [rng.standard_normal(x.shape) for x in (q, keys, values)]
+    want_dir = []
+    for i in range(3):
+        plus = [x + eps * direction[j] * (j == i) for j, x in enumerate((q, keys, values))]
+        minus = [x - eps * direction[j] * (j == i) for j, x in enumerate((q, keys, values))]
+        want_dir.append(((reference(*plus) - reference(*minus)) * cotangent).sum() / (2 * eps))
+    args = [jnp.asarray(x, jnp.float32) for x in (q, keys, values)]
+    for fn in (attend, attend_per_head):
+        got = fn(*args, jnp.asarray(allowed))
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+        grads = jax.grad(lambda *a: (fn(*a, jnp.asarray(allowed)) * cotangent).sum(), argnums=(0, 1, 2))(*args)
+        for grad, v, w in zip(grads, direction, want_dir):
+            np.testing.assert_allclose(float((np.asarray(grad, np.float64) * v).sum()), w, rtol=1e-4, atol=1e-4)
