@@ -270,12 +270,12 @@ def test_rope_scaling_llama3_is_not_silently_dropped(tiny_hf_dir):
         weights.config_from_hf(raw_yarn)
 
 
-def test_both_attention_paths_and_their_gradients_match_float64():
-    """The per-head loop (XLA:CPU, one device) and the batched einsum against a float64 numpy formula,
-    with grouped-query heads, a ragged mask and a fully masked query row (uniform over all keys)."""
+def test_attention_and_its_gradients_match_float64():
+    """``attend`` against a float64 numpy formula, with grouped-query heads, a ragged mask and a fully
+    masked query row (uniform over all keys)."""
     import jax.numpy as jnp
 
-    from mrjax.model.llama import attend, attend_per_head
+    from mrjax.model.llama import attend
 
     rng = np.random.default_rng(1)
     B, T, S, k, g, d = 3, 12, 21, 2, 3, 8
@@ -301,9 +301,7 @@ def test_both_attention_paths_and_their_gradients_match_float64():
         minus = [x - eps * direction[j] * (j == i) for j, x in enumerate((q, keys, values))]
         want_dir.append(((reference(*plus) - reference(*minus)) * cotangent).sum() / (2 * eps))
     args = [jnp.asarray(x, jnp.float32) for x in (q, keys, values)]
-    for fn in (attend, attend_per_head):
-        got = fn(*args, jnp.asarray(allowed))
-        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
-        grads = jax.grad(lambda *a: (fn(*a, jnp.asarray(allowed)) * cotangent).sum(), argnums=(0, 1, 2))(*args)
-        for grad, v, w in zip(grads, direction, want_dir):
-            np.testing.assert_allclose(float((np.asarray(grad, np.float64) * v).sum()), w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(attend(*args, jnp.asarray(allowed))), want, atol=2e-6)
+    grads = jax.grad(lambda *a: (attend(*a, jnp.asarray(allowed)) * cotangent).sum(), argnums=(0, 1, 2))(*args)
+    for grad, v, w in zip(grads, direction, want_dir):
+        np.testing.assert_allclose(float((np.asarray(grad, np.float64) * v).sum()), w, rtol=1e-4, atol=1e-4)

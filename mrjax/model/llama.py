@@ -294,47 +294,19 @@ class Attention(nn.Module):
         allowed = (jnp.arange(S)[None, :] <= query_slot[:, None])[None] & kv_mask[:, None, :]  # [B, T, S]
 
         q = q.reshape(q.shape[0], T, k, h // k, d)
-        one_device = self.mesh is None or self.mesh.size == 1
-        if jax.default_backend() == "cpu" and T > 1 and one_device:
-            out = attend_per_head(q, keys, values, allowed).astype(self.dtype)
-        else:
-            out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), allowed)
+        out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), allowed)
         return project(out, wo, self.dtype, in_dims=2, split=self.split_weights), new_cache
-
-
-def _masked_softmax(scores: jax.Array, allowed: jax.Array, head_dim: int) -> jax.Array:
-    # A large finite negative, not -inf: fully padded query rows stay finite (and are ignored).
-    scores = jnp.where(allowed, scores.astype(jnp.float32) / math.sqrt(head_dim), jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array) -> jax.Array:
     """softmax(q k / sqrt(d)) v over the allowed keys, in q's dtype (the softmax in float32).
     q [B, T, kv_heads, groups, d], keys and values [B, S, kv_heads, d], allowed [B, T, S] -> [B, T, heads, d]."""
     B, T, _, _, d = q.shape
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys)
-    probs = _masked_softmax(scores, allowed[:, None, None], d).astype(q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys).astype(jnp.float32) / math.sqrt(d)
+    # A large finite negative, not -inf: fully padded query rows stay finite (and are ignored).
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, -1, d)
-
-
-def attend_per_head(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array) -> jax.Array:
-    """``attend`` in float32, one (row, kv head) at a time as two plain matmuls: XLA:CPU runs a loop of
-    2-D matmuls 1.4-2x faster than one batched einsum, whose batch dimensions it does not hand to its
-    fast matmul kernels (float32 forward and backward; in bfloat16 it is no faster)."""
-    B, T, k, g, d = q.shape
-    S = keys.shape[1]
-    q_by_head = q.astype(jnp.float32).transpose(0, 2, 3, 1, 4).reshape(B * k, g * T, d)
-    keys_by_head = keys.astype(jnp.float32).transpose(0, 2, 3, 1).reshape(B * k, d, S)
-    values_by_head = values.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(B * k, S, d)
-
-    def one_head(args):
-        qi, ki, vi, row = args
-        probs = _masked_softmax(jnp.dot(qi, ki).reshape(g, T, S), allowed[row][None], d)
-        return jnp.dot(probs.reshape(g * T, S), vi)
-
-    rows = jnp.repeat(jnp.arange(B), k)
-    out = jax.lax.map(one_head, (q_by_head, keys_by_head, values_by_head, rows))  # [B * k, g * T, d]
-    return out.reshape(B, k, g, T, d).transpose(0, 3, 1, 2, 4).reshape(B, T, k * g, d)
 
 
 class MLP(nn.Module):
