@@ -325,6 +325,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return from_dict(Config, raw)
 
 
+# Keys of earlier versions, with what replaced them (a clearer error than an unknown key).
+REPLACED_KEYS = {
+    "train.min_bucket": "train.pad_multiple (training rows pad up to a multiple of it; 16 by default)",
+}
+
+
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, checking every key and type."""
     if not isinstance(raw, dict):
@@ -332,6 +338,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
+    if unknown and f"{prefix}{unknown[0]}" in REPLACED_KEYS:
+        raise ConfigError(f"config key '{prefix}{unknown[0]}' was replaced by {REPLACED_KEYS[prefix + unknown[0]]}")
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; known keys in this section: {', '.join(sorted(fields))}"

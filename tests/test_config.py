@@ -41,6 +41,7 @@ def test_round_trip_through_dict(tmp_path):
     [
         (["mesh.tensr=4"], "unknown config key 'mesh.tensr'"),
         (["nosection.x=1"], "unknown config key 'nosection'"),
+        (["train.min_bucket=32"], "'train.min_bucket' was replaced by train.pad_multiple"),
         (["mesh.tensor=four"], "'mesh.tensor' must be int"),
         (["train.learning_rate=fast"], "'train.learning_rate' must be float"),
         (["model.remat=3"], "'model.remat' must be bool"),
