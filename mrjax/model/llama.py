@@ -361,8 +361,15 @@ REMAT_POLICIES = {
 
 def remat_policy(name: str, dtype: Any):
     """``REMAT_POLICIES[name]``; in bfloat16, "dots" keeps the named weight products (``project``'s
-    bfloat16 results) instead of the dots inside ``mixed_matmul`` (float32, twice as wide)."""
+    bfloat16 results) instead of the dots inside ``mixed_matmul`` (float32, twice as wide).
+
+    On XLA:CPU, bfloat16 "dots" keeps nothing ("full"): XLA:CPU widens a bfloat16
+    dynamic-update-slice to float32 over its whole buffer, so stacking each layer's kept products in
+    the layer loop copies all layers' at every layer (2.8 s of an 11.8 s SFT step on judge rows);
+    recomputing them is faster (11.4 -> 10.0 s) and needs less memory."""
     if name == "dots" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        if jax.default_backend() == "cpu":
+            return REMAT_POLICIES["full"]
         return jax.checkpoint_policies.save_only_these_names(PROJECTION)
     return REMAT_POLICIES[name]
 
