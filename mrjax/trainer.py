@@ -93,6 +93,9 @@ class Trainer:
         if dtype != model.module.dtype:
             log.info("training steps compute in %s (train.dtype=%s); the model samples in %s", jnp.dtype(dtype).name,
                      config.train.dtype, jnp.dtype(model.module.dtype).name)
+        if (self.module.remat and self.module.remat_policy == "dots" and jax.default_backend() == "cpu"
+                and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)):
+            log.info("remat 'dots' in bfloat16 on XLA:CPU recomputes each layer (faster there: see remat_policy)")
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         ways = batch_ways(self.mesh)
         if self.micro_batch % ways:
