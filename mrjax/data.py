@@ -414,7 +414,7 @@ def load_examples(path: str | Path, tokenizer: Any, kind: str, max_length: int) 
 PAD_MULTIPLE = 16
 
 
-def group_length(n: int, maximum: int, multiple: int = PAD_MULTIPLE) -> int:
+def padded_length(n: int, maximum: int, multiple: int = PAD_MULTIPLE) -> int:
     """A padded length: ``n`` rounded up to a multiple of ``multiple``, at most ``maximum`` (≥ n)."""
     return max(min(-(-max(int(n), 1) // int(multiple)) * int(multiple), int(maximum)), int(n))
 
@@ -474,8 +474,8 @@ def batch_groups(
         shared = shared if shared >= MIN_SHARED_TOKENS else 0
         shape = BatchShape(
             shared,
-            group_length(max(len(h) for h in heads) - shared, max_length, pad_multiple),
-            group_length(max(len(c) for i in members for c in examples.completions[i]), max_length, pad_multiple),
+            padded_length(max(len(h) for h in heads) - shared, max_length, pad_multiple),
+            padded_length(max(len(c) for i in members for c in examples.completions[i]), max_length, pad_multiple),
         )
         out.append(BatchGroup(np.asarray(members, np.int64), shape))
     return out
@@ -547,12 +547,12 @@ def make_batch(
     if shape is not None and share_prefix:
         if longest_rest > shape.prefix_len or longest_completion > shape.length:
             raise ValueError(f"rows longer than their group's shape {shape}")
-        shared_len = group_length(shape.shared_tokens, max_length, pad_multiple) if shape.shared_tokens else 0
+        shared_len = padded_length(shape.shared_tokens, max_length, pad_multiple) if shape.shared_tokens else 0
         prefix_len, length = shape.prefix_len, shape.length
     else:
-        shared_len = group_length(int(shared_of.max()), max_length, pad_multiple) if shared_of.max() else 0
-        prefix_len = group_length(longest_rest, max_length, pad_multiple)
-        length = group_length(longest_completion, max_length, pad_multiple)
+        shared_len = padded_length(int(shared_of.max()), max_length, pad_multiple) if shared_of.max() else 0
+        prefix_len = padded_length(longest_rest, max_length, pad_multiple)
+        length = padded_length(longest_completion, max_length, pad_multiple)
 
     prefix_tokens = np.full((batch_size, prefix_len), pad_id, np.int32)
     prefix_positions = np.zeros((batch_size, prefix_len), np.int32)
@@ -714,7 +714,7 @@ __all__ = [
     "write_text",
     "end_of_turn_text",
     "epoch_order",
-    "group_length",
+    "padded_length",
     "prefix_groups",
     "batch_groups",
     "steps_per_epoch",

@@ -117,18 +117,26 @@ def fetch(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def _glibc():
+    """The C library if it is glibc (its malloc tunables), else None."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def release_memory() -> None:
     """Collect garbage and hand the heap's freed pages back to the OS (glibc's malloc_trim), so that one
     stage of a run does not stack its peak on memory the previous stage freed but the process kept
     (on XLA:CPU a generation stage leaves gigabytes of such pages behind)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    if (libc := _glibc()) is not None:  # not glibc: nothing to trim
+        libc.malloc_trim(0)
 
 
 def allocate_large_blocks_apart(threshold: int = 1 << 20) -> None:
@@ -136,13 +144,9 @@ def allocate_large_blocks_apart(threshold: int = 1 << 20) -> None:
     M_MMAP_THRESHOLD), so a freed one goes back to the OS at once. glibc otherwise raises that
     threshold to 32 MiB as blocks are freed, and XLA:CPU's many-MiB buffers then fragment the heap:
     the pages a stage frees stay the process's until ``release_memory``. A no-op without glibc."""
-    import ctypes
-
     M_MMAP_THRESHOLD = -3
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold))
-    except (OSError, AttributeError):
-        pass
+    if (libc := _glibc()) is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, int(threshold))
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

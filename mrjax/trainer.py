@@ -34,6 +34,7 @@ from mrjax.config import Config, ConfigError, to_dict
 from mrjax.data import (Batcher, Examples, batch_groups, load_examples, sequential_batches, steps_per_epoch,
                         write_text)
 from mrjax.mesh import agreed, batch_ways, fetch, is_main_process
+from mrjax.model.llama import REMAT_POLICIES, remat_policy
 from mrjax.model.pretrained import training_dtype
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ class Trainer:
         if dtype != model.module.dtype:
             log.info("training steps compute in %s (train.dtype=%s); the model samples in %s", jnp.dtype(dtype).name,
                      config.train.dtype, jnp.dtype(model.module.dtype).name)
-        if (self.module.remat and self.module.remat_policy == "dots" and jax.default_backend() == "cpu"
-                and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)):
+        if (self.module.remat and self.module.remat_policy == "dots"
+                and remat_policy("dots", dtype) is REMAT_POLICIES["full"]):
             log.info("remat 'dots' in bfloat16 on XLA:CPU recomputes each layer (faster there: see remat_policy)")
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         ways = batch_ways(self.mesh)

@@ -8,7 +8,7 @@ import pytest
 
 from mrjax.checkpoint import Checkpointer
 from mrjax.config import load_config
-from mrjax.data import (Batcher, DataError, epoch_order, group_length, load_examples, make_batch,
+from mrjax.data import (Batcher, DataError, epoch_order, padded_length, load_examples, make_batch,
                         read_rows, tokenize_rows, write_jsonl)
 from mrjax.trainer import Trainer, TrainingError
 
@@ -107,8 +107,8 @@ def test_make_batch_layout_by_hand(tiny):
 
 
 def test_batcher_covers_every_pair_once_per_epoch_and_is_deterministic():
-    assert group_length(3, 1024) == 16 and group_length(17, 1024) == 32 and group_length(17, 1024, 8) == 24
-    assert group_length(300, 256) == 300 and group_length(250, 256) == 256 and group_length(0, 256) == 16
+    assert padded_length(3, 1024) == 16 and padded_length(17, 1024) == 32 and padded_length(17, 1024, 8) == 24
+    assert padded_length(300, 256) == 300 and padded_length(250, 256) == 256 and padded_length(0, 256) == 16
 
     class FakeExamples:
         kind, repeats = "sft", 1
