@@ -68,11 +68,23 @@ def smol_hf_dir(hf_smol, smol, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The tiny config's whole loop (EFT + 2 iterations) through the CLI: (run_dir, completed process)."""
+def tiny_run(tmp_path_factory, worker_id):
+    """The tiny config's whole loop (EFT + 2 iterations) through the CLI: (run_dir, completed process).
+    Made once per test session: the pytest-xdist workers share it (the first one to need it runs it,
+    under a file lock). Tests read it; a test that runs the CLI on it works on a copy."""
+    import json
+    import subprocess
+
+    from filelock import FileLock
     from loop_helpers import TINY, run_cli
 
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    done = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return run_dir, done
+    # xdist gives each worker its own base directory inside the session's one.
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    run_dir, record = root / "tiny_run" / "run", root / "tiny_run" / "process.json"
+    with FileLock(str(root / "tiny_run.lock")):
+        if not record.is_file():
+            done = run_cli("--config", str(TINY), f"run_dir={run_dir}", "--quiet")
+            assert done.returncode == 0, done.stderr[-4000:]
+            record.write_text(json.dumps(dict(returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)))
+    done = json.loads(record.read_text())
+    return run_dir, subprocess.CompletedProcess(done.get("args", []), done["returncode"], done["stdout"], done["stderr"])

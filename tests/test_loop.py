@@ -249,8 +249,9 @@ def test_tiny_run_pairs_obey_the_rules(tiny_run):
 
 
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_does_nothing(tiny_run):
-    run_dir, _ = tiny_run
+def test_rerun_of_a_finished_run_does_nothing(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)  # the session's tiny run is shared: runs go on copies
     # Optimizer checkpoints go once a training stage's model is exported and marked: a finished run keeps none.
     assert not list(run_dir.rglob("checkpoints*"))
     assert (run_dir / "eft" / "train" / "metrics.jsonl").is_file() and (run_dir / "iter_1" / "train").is_dir()

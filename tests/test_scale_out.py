@@ -76,7 +76,10 @@ def _params(run_dir):
     return load_file(str(run_dir / "iter_1" / "hf" / "model.safetensors"))
 
 
-LAYOUTS = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "fsdp2_tensor4": (1, 2, 4), "data2_fsdp2_tensor2": (2, 2, 2)}
+# The loop on two layouts: pure data parallel (the two-process job's) and all three axes at once. The
+# model's logits, the sampler and the training step are checked on fsdp8 and fsdp2_tensor4 as well
+# (test_model, test_sampling, test_train_step), in-process and at a fraction of a loop's cost.
+LAYOUTS = {"data8": (8, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 STAGE_FILES = ("prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judge_pairs")
 
 
