@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrjax.config import LOSS_TYPES
 from mrjax.mesh import named_sharding, put
-from mrjax.model.llama import KVCache, unembedding
+from mrjax.model.llama import KVCache, mixed_matmul, unembedding
 
 DPO_METRICS = (
     "loss",
@@ -127,16 +127,33 @@ def logits_chunk(rows: int, length: int, vocab: int, max_logits_mb: int) -> int:
     return 1
 
 
-def token_logps(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+@jax.custom_vjp
+def _gradient_kept_apart(w: jax.Array) -> jax.Array:
+    """``w``, whose gradient XLA may not fold into the product that makes it. A tied unembedding is
+    the embedding's transpose: folded, its bfloat16 gradient product becomes one with a transposed
+    operand, which XLA:CPU's fast matmuls do not take (and its plain dot refuses in bfloat16)."""
+    return w
+
+
+_gradient_kept_apart.defvjp(lambda w: (w, None), lambda _, g: (jax.lax.optimization_barrier(g),))
+
+
+def token_logps(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, chunk: int,
+                split_weights: bool = False) -> jax.Array:
     """log p(targets) [N, C] from final hidden states [N, C, E] and the output matrix [E, V].
 
     Chunked over the sequence; each chunk's logits are recomputed in the backward
-    pass (``jax.checkpoint``), so peak memory holds one chunk of logits.
+    pass (``jax.checkpoint``), so peak memory holds one chunk of logits. Float32 logits; from
+    bfloat16 hidden states they are the layers' ``mixed_matmul`` (its backward in bfloat16 too).
     """
     n, length, embed = hidden.shape
 
     def chunk_logps(h, t):
-        logits = jnp.einsum("nce,ev->ncv", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
+        if h.dtype == jnp.bfloat16:
+            logits = mixed_matmul(h.reshape(-1, embed), _gradient_kept_apart(unembed), split_weights)
+            logits = logits.reshape(*h.shape[:2], -1)
+        else:
+            logits = jnp.einsum("nce,ev->ncv", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
         # take_along_axis measured faster on CPU than a one-hot masked sum (its backward fuses better).
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return target_logit - jax.nn.logsumexp(logits, axis=-1)
@@ -148,6 +165,14 @@ def token_logps(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, chunk
     t = targets.reshape(n, pieces, chunk).swapaxes(0, 1)
     out = jax.lax.map(jax.checkpoint(lambda ht: chunk_logps(*ht)), (h, t))
     return out.swapaxes(0, 1).reshape(n, length)
+
+
+def training_cache_dtype(dtype: Any) -> Any:
+    """The dtype of a training step's KV caches (the shared prefix's, the prompts'): float32 on XLA:CPU,
+    which widens a bfloat16 dynamic-update-slice to float32 over its whole buffer, so the layer loop's
+    writes of each layer's bfloat16 keys into the stacked cache would copy every layer's at every layer.
+    bfloat16 keys and values are exact in float32, and attention reads them back in ``dtype``."""
+    return jnp.float32 if jax.default_backend() == "cpu" else dtype
 
 
 def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_prompt: bool) -> jax.Array:
@@ -176,7 +201,7 @@ def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_p
         # The prompt prefix common to the micro-batch (mrjax.data.make_batch) runs once, as one row;
         # every row then continues from (a copy of) its cache, at positions after it.
         done = mb["shared_tokens"].shape[0]
-        cache = KVCache.zeros(module.config, 1, done, module.dtype)
+        cache = KVCache.zeros(module.config, 1, done, training_cache_dtype(module.dtype))
         _, cache = apply(mb["shared_tokens"][None], mb["shared_positions"][None], mb["shared_mask"][None], cache, 0,
                          return_hidden=True)
         kv_mask = jnp.concatenate([jnp.broadcast_to(mb["shared_mask"], (b * repeats, done)), kv_mask], axis=1)
@@ -185,7 +210,7 @@ def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_p
         # The prefill cache holds only the prompt (its attention spans the prompt's keys, not the
         # completions' too); it is then widened by C empty slots for the completions.
         if cache is None:
-            cache = KVCache.zeros(module.config, b, prefix_len, module.dtype)
+            cache = KVCache.zeros(module.config, b, prefix_len, training_cache_dtype(module.dtype))
         else:
             cache = grow(cache, b, prefix_len)
         prompt_mask = kv_mask[::repeats, : done + prefix_len]
@@ -210,7 +235,7 @@ def sequence_logps(
     hidden = completion_hidden(module, params, mb, repeats, share_prompt)
     rows, length = mb["targets"].shape
     chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
-    per_token = token_logps(hidden, unembedding(params, module.config), mb["targets"], chunk)
+    per_token = token_logps(hidden, unembedding(params, module.config), mb["targets"], chunk, module.split_weights)
     mask = mb["mask"].astype(jnp.float32)
     sums = jnp.sum(per_token * mask, axis=-1).reshape(-1, repeats)
     counts = jnp.sum(mask, axis=-1).reshape(-1, repeats)
