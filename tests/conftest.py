@@ -87,4 +87,4 @@ def tiny_run(tmp_path_factory, worker_id):
             assert done.returncode == 0, done.stderr[-4000:]
             record.write_text(json.dumps(dict(returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)))
     done = json.loads(record.read_text())
-    return run_dir, subprocess.CompletedProcess(done.get("args", []), done["returncode"], done["stdout"], done["stderr"])
+    return run_dir, subprocess.CompletedProcess([], done["returncode"], done["stdout"], done["stderr"])
