@@ -28,11 +28,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 COMPILATION_CACHE_ENV = "MRJAX_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 4 << 30  # the embedded default's programs take about 20 MB
 
 
 def enable_compilation_cache() -> None:
-    """XLA's persistent compilation cache (default ~/.cache/mrjax/xla; MRJAX_COMPILATION_CACHE=off
-    disables it): a resumed or repeated run does not compile its programs again."""
+    """XLA's persistent compilation cache (default ~/.cache/mrjax/xla, at most 4 GiB;
+    MRJAX_COMPILATION_CACHE=off disables it): a resumed or repeated run does not compile its programs again."""
     where = os.environ.get(COMPILATION_CACHE_ENV, str(Path.home() / ".cache" / "mrjax" / "xla"))
     if where.lower() in ("", "0", "off", "false", "none"):
         return
@@ -40,6 +41,9 @@ def enable_compilation_cache() -> None:
 
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # A size bound makes JAX evict the least recently used programs and lock the folder around each
+    # read and write, so runs that share it at the same time (pytest workers, several jobs) are safe.
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 
 def cli_main(run_fn, argv: list[str] | None = None, print_summary: bool = True) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-# XLA's persistent cache shared by the tests' runs (a resumed run reuses the compiled programs);
-# one per pytest-xdist worker, so that two processes never write the same entry at once.
-XLA_CACHE = Path(tempfile.gettempdir()) / f"mrjax-test-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+# XLA's persistent cache shared by the tests' runs, from every pytest-xdist worker (a resumed run, or
+# another worker's run of the same config, reuses the compiled programs; mrjax.cli locks the folder).
+XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
 
 
 def run_cli(*args, fault=None, timeout=900, module="mrjax.train"):
