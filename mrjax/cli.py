@@ -40,7 +40,8 @@ def enable_compilation_cache() -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting, if given
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     # A size bound makes JAX evict the least recently used programs and lock the folder around each
     # read and write, so runs that share it at the same time (pytest workers, several jobs) are safe.
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)

@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # in a later compile that went through the cache's path. Runs in a subprocess get their own cache
 # (loop_helpers.run_cli).
 os.environ["MRJAX_COMPILATION_CACHE"] = "off"
+# The subprocess runs' cache keeps every program, not only those that take 0.5 s to compile: the tiny
+# model's programs compile fast, but there are many, and most runs repeat the same ones.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

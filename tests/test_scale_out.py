@@ -46,7 +46,8 @@ def _command(run_dir) -> list[str]:
 
 
 def _start_job(run_dir, faults=(None, None), heartbeat_s: int = 100) -> list[subprocess.Popen]:
-    """Process 0 and process 1 of a two-process job (each its own XLA cache: no shared writes)."""
+    """Process 0 and process 1 of a two-process job (each its own XLA cache, kept apart from the
+    single-process runs' shared one)."""
     address = f"127.0.0.1:{_free_port()}"
     return [
         subprocess.Popen(_command(run_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -87,7 +88,7 @@ def _run_alone(run_dir, devices: int, mesh=(-1, 1, 1)):
     data, fsdp, tensor = mesh
     done = subprocess.run(_command(run_dir) + [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=_env(devices, MRJAX_COMPILATION_CACHE=str(XLA_CACHE) + f"-{devices}"))
+                          env=_env(devices, MRJAX_COMPILATION_CACHE=str(XLA_CACHE)))
     assert done.returncode == 0, done.stderr[-4000:]
     return run_dir
 
