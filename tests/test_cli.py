@@ -1,9 +1,8 @@
 """The command line's XLA compilation cache: bounded, locked, shared by processes that run at once."""
-import os
 import subprocess
 import sys
 
-from loop_helpers import REPO
+from loop_helpers import cli_env
 
 # Compiles eight small programs through the command line's cache setup; prints how many it read back.
 COMPILE_EIGHT = """
@@ -12,7 +11,6 @@ from mrjax.cli import COMPILATION_CACHE_MAX_BYTES, enable_compilation_cache
 hits = []
 jax.monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
 enable_compilation_cache()
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even these fast compiles
 assert jax.config.jax_compilation_cache_max_size == COMPILATION_CACHE_MAX_BYTES
 for n in range(1, 9):
     jax.block_until_ready(jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * n))(jnp.ones(7 * n)))
@@ -21,8 +19,8 @@ print(len(hits))
 
 
 def _start(cache_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), MRJAX_COMPILATION_CACHE=str(cache_dir))
-    env.pop("XLA_FLAGS", None)
+    # JAX's own threshold variable, which the command line leaves in force: these fast compiles are kept too.
+    env = dict(cli_env(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen([sys.executable, "-c", COMPILE_EIGHT], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loop_helpers import REPO, TINY, XLA_CACHE, rows, run_cli
+from loop_helpers import REPO, TINY, cli_env, rows, run_cli
 
 
 def main_in_process(capsys, *args, module="mrjax.train"):
@@ -38,9 +38,7 @@ def test_a_second_run_on_the_same_directory_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "run"
     args = ("--config", str(TINY), f"run_dir={run_dir}", "--quiet", "--no-eval", "eft.enabled=false",
             "iteration.iterations=1")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), MRJAX_COMPILATION_CACHE=str(XLA_CACHE))
-    env.pop("XLA_FLAGS", None)
-    first = subprocess.Popen([sys.executable, "-m", "mrjax.train", *args], cwd=REPO, env=env,
+    first = subprocess.Popen([sys.executable, "-m", "mrjax.train", *args], cwd=REPO, env=cli_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
