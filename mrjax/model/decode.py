@@ -72,9 +72,9 @@ def decode_weights(params: dict, config: LlamaConfig, dtype, mesh: Mesh | None) 
 
 
 def to_decode_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One layer's keys and values from the model's cache layout [N, S, Kh, D] to the decode layout
-    (keys [N, Kh, D, S], values [N, Kh, S, D])."""
-    return k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    """Keys and values from the model's cache layout [..., N, S, Kh, D] (one layer, or stacked layers)
+    to the decode layout (keys [..., N, Kh, D, S], values [..., N, Kh, S, D])."""
+    return jnp.moveaxis(k, -3, -1), jnp.swapaxes(v, -3, -2)
 
 
 def prefix_decode_layout(prefix, num_layers: int) -> list[tuple[jax.Array, jax.Array]]:

@@ -325,9 +325,11 @@ class Scheduler:
         row_of = {p: j for j, p in enumerate(unique)}
         for r, ((p, s), b) in enumerate(zip(rows, where)):
             fields[:, r] = (b, row_of[p], len(self.prompt_ids[p]), p, s)
-        self.pool = engine.insert(self.module, self.weights, self.pool, last_hidden, cache, self.put(packing),
-                                  self.put(packed_mask), *(mesh_lib.put_replicated(self.mesh, f) for f in fields),
-                                  self.params, greedy=self.greedy, candidates=self.candidates)
+        where, row_prompt, prompt_len, prompt_index, sample_index = (mesh_lib.put_replicated(self.mesh, f) for f in fields)
+        token, logprob = engine.first_tokens(self.weights, last_hidden, row_prompt, prompt_index, sample_index,
+                                             self.params, greedy=self.greedy, candidates=self.candidates)
+        self.pool = engine.insert(self.module, self.pool, cache, self.put(packing), self.put(packed_mask), where,
+                                  row_prompt, prompt_len, prompt_index, sample_index, token, logprob, self.params)
 
     def collect(self) -> None:
         """Record the rows that finished and free their slots."""
