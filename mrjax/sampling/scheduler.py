@@ -44,8 +44,8 @@ NEW_TOKENS_ROUNDING = 32
 MIN_GROUP_PREFIX = 64
 # The decoder returns to the host to refill its slots once 1/REFILL_FRACTION of them are free.
 REFILL_FRACTION = 8
-# Once no rows wait, the pool halves (live rows gathered into a smaller one) whenever half of
-# it is free, down to this many slots: finished rows stop costing decode steps.
+# Once no rows wait, the pool shrinks (live rows gathered into a smaller one, of a power of two
+# slots) whenever half of it is free, down to this many slots: finished rows stop costing decode steps.
 MIN_SHRUNK_POOL = 8
 # A prefill call costs about this many padded (row x token) positions besides its tokens
 # (dispatch, the prefix's cache broadcast, the inserted rows' first tokens).
@@ -255,7 +255,9 @@ class Scheduler:
         order = sorted(range(n_prompts), key=lambda i: (group_rank[self.group[i]], self.own_len[i], i))
         self.waiting = collections.deque((p, s) for p in order for s in range(self.n))
         self.rows = min(row_bucket(len(self.waiting), self.ways), -(-config.batch_size // self.ways) * self.ways)
-        self.prompt_slots = prompt_bucket(max(map(len, self.suffixes)))  # each row's prompt slots: its real tokens only
+        # Each row's prompt slots hold its real tokens only. The coarser cache buckets (two a doubling, where
+        # prefill has four) let more of a stage's calls share one pool shape, hence one compiled decoder.
+        self.prompt_slots = cache_bucket(max(map(len, self.suffixes)))
         self.unplaced = collections.Counter(self.group[p] for p, _ in self.waiting)
         self.group_caches: dict[int, tuple] = {}
         self.refill_at = max(1, self.rows // REFILL_FRACTION)
@@ -391,7 +393,11 @@ class Scheduler:
         live = [b for b, r in enumerate(self.slot_row) if r is not None]
         if self.waiting or not live or size <= MIN_SHRUNK_POOL or len(live) > size // 2:
             return
-        size = max(row_bucket(len(live), self.ways), min(MIN_SHRUNK_POOL, size // 2))
+        # A power of two (as few pool shapes, hence decoder compilations, as halving gives), jumping
+        # straight to the one that holds the live rows.
+        size = max(-(-(1 << (len(live) - 1).bit_length()) // self.ways) * self.ways, min(MIN_SHRUNK_POOL, size // 2))
+        if size >= len(self.slot_row):
+            return
         dead = next(b for b, r in enumerate(self.slot_row) if r is None)  # done: pads compute, record nothing
         keep = live + [dead] * (size - len(live))
         self.pool = engine.compact(self.module, self.pool, mesh_lib.put_replicated(self.mesh, np.asarray(keep, np.int32)))
