@@ -6,8 +6,11 @@ config, compute dtype and mesh) picks the compiled version:
 * ``prepare``: the decode step's view of the weights (once per ``generate`` call);
 * ``prefill`` / ``prefill_after``: the model's own forward over prompts, alone or after a shared
   prefix's cache, returning the last hidden state and the keys/values;
-* ``empty_pool``, ``first_tokens``, ``insert``: a ``SlotPool`` of decode slots, the first token of
-  prefilled rows, and the rows put into free slots (their caches converted to the decode layout);
+* ``empty_pool``, ``pack_rows``, ``first_tokens``, ``insert``: a ``SlotPool`` of decode slots; prefilled
+  rows' caches in the decode layout, their first tokens, and the rows put into free slots. Three
+  programs, not one, because each compiles per fewer shapes: ``pack_rows`` per prefill shape and
+  rows (cheap to compile), ``first_tokens`` per rows (the top-p sampler takes about a second to
+  compile), ``insert`` per pool shape and rows (a scatter per layer);
 * ``decode``: a ``lax.while_loop`` of decode steps over the pool until enough slots are free;
 * ``compact``: some slots of a pool gathered into a smaller one;
 * ``probe``: for finished rows, the next-token log-probs after their text (cut, then a few more
@@ -120,31 +123,33 @@ def empty_pool(module, *, rows: int, prompt_slots: int, cache_slots: int, new_ca
     )
 
 
-@functools.partial(jax.jit, static_argnames=("greedy", "candidates"))
-def first_tokens(weights, last_hidden, row_prompt, prompt_index, sample_index, params: SampleParams, *, greedy: bool,
-                 candidates: int):
-    """The first token (and its log-prob) of rows ``row_prompt`` [N] of a prefill, from its last hidden
-    states [Bp, E]. Its own program, apart from ``insert``: the sampler's top-p path compiles in about
-    a second, and this program's shapes (Bp, N) recur far more often than ``insert``'s."""
-    hidden = jnp.take(last_hidden, row_prompt, axis=0).astype(jnp.float32).T
-    return pick(decode_logits(weights, hidden), jnp.zeros_like(row_prompt), prompt_index, sample_index, params, greedy,
-                candidates)
-
-
-@functools.partial(jax.jit, static_argnames=("module",), donate_argnames=("pool",))
-def insert(module, pool: SlotPool, cache, packing, packed_mask, where, row_prompt, prompt_len, prompt_index,
-           sample_index, token, logprob, params: SampleParams) -> SlotPool:
-    """Rows ``row_prompt`` [N] of a prefill go to slots ``where`` [N] (B = none), with their first
-    ``token`` and ``logprob`` [N] (``first_tokens``). Prefill row j's real cache slots are
-    ``packing[j]`` [P] where ``packed_mask[j]`` [P]."""
-    B, P = pool.prompt_mask.shape
-    S = pool.caches[0][0].shape[-1]
+@jax.jit
+def pack_rows(last_hidden, cache, packing, packed_mask, row_prompt):
+    """Rows ``row_prompt`` [N] of a prefill (last hidden states [Bp, E], caches [L, Bp, W, Kh, D]), ready
+    for ``first_tokens`` and ``insert``: their last hidden states [N, E], their real cache slots (prefill
+    row j's are ``packing[j]`` [P] where ``packed_mask[j]`` [P]) in the decode layout (keys
+    [L, N, Kh, D, P], values [L, N, Kh, P, D]; every layer at once) and their prompt masks [N, P]."""
     packing = jnp.take(packing, row_prompt, axis=0)[None, :, :, None, None]
     k = jnp.take_along_axis(jnp.take(cache.k, row_prompt, axis=1), packing, axis=2)  # [L, N, P, Kh, D]
     v = jnp.take_along_axis(jnp.take(cache.v, row_prompt, axis=1), packing, axis=2)
-    # Every layer converted at once (one transpose and pad, not one per layer: fewer ops to compile),
-    # then one scatter per layer into the pool; the slots after the prompt's hold the generated tokens.
     k, v = to_decode_layout(k, v)
+    return jnp.take(last_hidden, row_prompt, axis=0), k, v, jnp.take(packed_mask, row_prompt, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("greedy", "candidates"))
+def first_tokens(weights, hidden, prompt_index, sample_index, params: SampleParams, *, greedy: bool, candidates: int):
+    """The first token (and its log-prob) of rows with last hidden states ``hidden`` [N, E]."""
+    return pick(decode_logits(weights, hidden.astype(jnp.float32).T), jnp.zeros_like(prompt_index), prompt_index,
+                sample_index, params, greedy, candidates)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def insert(pool: SlotPool, k, v, prompt_mask, where, prompt_len, prompt_index, sample_index, token, logprob,
+           params: SampleParams) -> SlotPool:
+    """Rows (``pack_rows``' caches and prompt masks, ``first_tokens``' first ``token`` and ``logprob``, all
+    [N, ...]) go to slots ``where`` [N] (B = none)."""
+    P, S = pool.prompt_mask.shape[1], pool.caches[0][0].shape[-1]
+    # The slots after the prompt's hold the generated tokens; one scatter per layer into the pool.
     k = jnp.pad(k, ((0, 0),) * 4 + ((0, S - P),))
     v = jnp.pad(v, ((0, 0),) * 3 + ((0, S - P), (0, 0)))
     caches = [(ck.at[where].set(k[i], mode="drop"), cv.at[where].set(v[i], mode="drop"))
@@ -153,7 +158,7 @@ def insert(module, pool: SlotPool, cache, packing, packed_mask, where, row_promp
     put = lambda a, x: a.at[where].set(x, mode="drop")  # noqa: E731
     return SlotPool(
         caches=caches,
-        prompt_mask=put(pool.prompt_mask, jnp.take(packed_mask, row_prompt, axis=0)),
+        prompt_mask=put(pool.prompt_mask, prompt_mask),
         prompt_len=put(pool.prompt_len, prompt_len), prompt_index=put(pool.prompt_index, prompt_index),
         sample_index=put(pool.sample_index, sample_index), token=put(pool.token, token),
         step=put(pool.step, jnp.ones_like(token)), done=put(pool.done, stopped | (params.max_new <= 1)),
@@ -237,4 +242,4 @@ def probe(module, weights, prefix, prefix_mask, pool: SlotPool, where, keep, fee
 
 # Every program, by name (to count compilations).
 PROGRAMS = {"prepare": prepare, "prefill": prefill, "prefill_after": prefill_after, "empty_pool": empty_pool,
-            "first_tokens": first_tokens, "insert": insert, "decode": decode, "compact": compact, "probe": probe}
+            "pack_rows": pack_rows, "first_tokens": first_tokens, "insert": insert, "decode": decode, "compact": compact, "probe": probe}

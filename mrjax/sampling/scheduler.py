@@ -328,10 +328,12 @@ class Scheduler:
         for r, ((p, s), b) in enumerate(zip(rows, where)):
             fields[:, r] = (b, row_of[p], len(self.prompt_ids[p]), p, s)
         where, row_prompt, prompt_len, prompt_index, sample_index = (mesh_lib.put_replicated(self.mesh, f) for f in fields)
-        token, logprob = engine.first_tokens(self.weights, last_hidden, row_prompt, prompt_index, sample_index,
-                                             self.params, greedy=self.greedy, candidates=self.candidates)
-        self.pool = engine.insert(self.module, self.pool, cache, self.put(packing), self.put(packed_mask), where,
-                                  row_prompt, prompt_len, prompt_index, sample_index, token, logprob, self.params)
+        hidden, k, v, prompt_mask = engine.pack_rows(last_hidden, cache, self.put(packing), self.put(packed_mask),
+                                                     row_prompt)
+        token, logprob = engine.first_tokens(self.weights, hidden, prompt_index, sample_index, self.params,
+                                             greedy=self.greedy, candidates=self.candidates)
+        self.pool = engine.insert(self.pool, k, v, prompt_mask, where, prompt_len, prompt_index, sample_index, token,
+                                  logprob, self.params)
 
     def collect(self) -> None:
         """Record the rows that finished and free their slots."""
