@@ -423,8 +423,8 @@ def test_compilations_are_bounded_by_the_buckets(tiny):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len({n for per in out.lengths for n in per}) > 1  # rows end at different steps: real refills
     made = {name: n - before[name] for name, n in cached().items()}
-    # Every compilation is one of the engine's programs (a program may also add a dispatch entry that
-    # reuses an executable it has, for arguments placed another way: no compilation).
+    # Every compilation is one of the engine's programs (whose caches may also gain entries that
+    # compiled nothing).
     assert 0 < first <= sum(made.values())
     assert second == 0  # the same work again compiles nothing
     # Per refill: a prefill and the packing of its rows per prompt bucket (and rows), the first tokens

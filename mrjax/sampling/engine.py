@@ -242,4 +242,5 @@ def probe(module, weights, prefix, prefix_mask, pool: SlotPool, where, keep, fee
 
 # Every program, by name (to count compilations).
 PROGRAMS = {"prepare": prepare, "prefill": prefill, "prefill_after": prefill_after, "empty_pool": empty_pool,
-            "pack_rows": pack_rows, "first_tokens": first_tokens, "insert": insert, "decode": decode, "compact": compact, "probe": probe}
+            "pack_rows": pack_rows, "first_tokens": first_tokens, "insert": insert, "decode": decode,
+            "compact": compact, "probe": probe}

@@ -327,7 +327,8 @@ class Scheduler:
         row_of = {p: j for j, p in enumerate(unique)}
         for r, ((p, s), b) in enumerate(zip(rows, where)):
             fields[:, r] = (b, row_of[p], len(self.prompt_ids[p]), p, s)
-        where, row_prompt, prompt_len, prompt_index, sample_index = (mesh_lib.put_replicated(self.mesh, f) for f in fields)
+        where, row_prompt, prompt_len, prompt_index, sample_index = (mesh_lib.put_replicated(self.mesh, f)
+                                                                     for f in fields)
         hidden, k, v, prompt_mask = engine.pack_rows(last_hidden, cache, self.put(packing), self.put(packed_mask),
                                                      row_prompt)
         token, logprob = engine.first_tokens(self.weights, hidden, prompt_index, sample_index, self.params,
@@ -397,7 +398,8 @@ class Scheduler:
             return
         # A power of two (as few pool shapes, hence decoder compilations, as halving gives), jumping
         # straight to the one that holds the live rows.
-        size = max(-(-(1 << (len(live) - 1).bit_length()) // self.ways) * self.ways, min(MIN_SHRUNK_POOL, size // 2))
+        power_of_two = 1 << (len(live) - 1).bit_length()
+        size = max(-(-power_of_two // self.ways) * self.ways, min(MIN_SHRUNK_POOL, size // 2))
         if size >= len(self.slot_row):
             return
         dead = next(b for b, r in enumerate(self.slot_row) if r is None)  # done: pads compute, record nothing
