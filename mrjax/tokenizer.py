@@ -1,4 +1,4 @@
-"""Tokenizer and chat template: transformers for HF directories, ``gguf`` + ``tokenizers`` for GGUF files.
+"""Tokenizer and chat template: transformers for HF directories, ``tokenizers`` for GGUF files.
 
 Chat models end a turn with one of several ids (Llama-3: ``<|eot_id|>`` and
 ``<|end_of_text|>``; SmolLM2: ``<|im_end|>``); ``Tokenizer.eos_ids`` lists them all.
@@ -67,8 +67,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """From an HF directory (tokenizer.json / sentencepiece) or a GGUF file (read with ``gguf``,
-    built with ``tokenizers``: no torch needed)."""
+    """From an HF directory (tokenizer.json / sentencepiece) or a GGUF file (its header read by
+    ``mrjax.model.gguf_file``, built with ``tokenizers``: no torch needed)."""
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
@@ -123,13 +123,13 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _gguf_fields(path: Path) -> dict[str, Any]:
-    import gguf
+    from .model.gguf_file import read_gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the gguf package raises bare ValueError/struct errors on bad files
+        metadata, _ = read_gguf(path)
+    except (OSError, ValueError) as err:
         raise TokenizerError(f"{path}: not a readable GGUF file ({err})") from None
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: Sequence[float]) -> list[tuple[str, str]]:

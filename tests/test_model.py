@@ -256,6 +256,64 @@ def test_not_a_gguf_file(tmp_path):
         load_pretrained(str(bad))
 
 
+def _gguf_package_reading(path):
+    """The ``gguf`` package's reader: (metadata, {name: (shape, type, bytes)}), the reference."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return metadata, {t.name: (tuple(int(n) for n in reversed(t.shape)), t.tensor_type, t.data.tobytes())
+                      for t in reader.tensors}
+
+
+def test_gguf_header_reads_as_the_gguf_package_reads_it(tmp_path):
+    """``read_gguf`` against the ``gguf`` package's reader, on the embedded model (quantised tensors, a
+    49k vocabulary) and on a file with every value type, a nested array, odd-sized tensors and an
+    alignment of 64; a file cut short is a clear error."""
+    import gguf
+
+    from mrjax.model.gguf_file import read_gguf
+    from mrjax.model.registry import embedded_gguf_path
+
+    path = tmp_path / "kinds.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("general.alignment", 64)
+    w.add_bool("x.flag", True)
+    w.add_uint8("x.u8", 200)
+    w.add_int64("x.i64", -(2 ** 40))
+    w.add_float32("x.f32", 0.1)
+    w.add_string("x.text", "héllo")
+    w.add_array("x.ints", [3, -1, 7])
+    w.add_array("x.floats", [0.5, 1e-3])
+    w.add_array("x.words", ["a", "", "ü"])
+    w.add_array("x.nested", [[1, 2], [3]])
+    w.add_tensor("a", np.arange(7, dtype=np.float32))
+    w.add_tensor("b", np.arange(6, dtype=np.float16).reshape(2, 3))
+    w.add_tensor("c", np.ones((3, 5, 2), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for source in (embedded_gguf_path(), path):
+        metadata, tensors = read_gguf(source)
+        want_metadata, want_tensors = _gguf_package_reading(source)
+        assert metadata.keys() == want_metadata.keys()
+        for key, value in want_metadata.items():
+            got = sum(metadata[key], []) if key == "x.nested" else metadata[key]  # the package flattens it
+            assert got == (pytest.approx(value) if isinstance(value, float) else value), key
+        assert list(tensors) == list(want_tensors)
+        for name, (shape, kind, data) in want_tensors.items():
+            assert (tensors[name].shape, tensors[name].type, tensors[name].data.tobytes()) == (shape, kind, data), name
+    assert metadata["x.nested"] == [[1, 2], [3]] and metadata["x.text"] == "héllo"
+    np.testing.assert_array_equal(tensors["c"].data.view(np.float32).reshape(tensors["c"].shape), np.ones((3, 5, 2)))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(embedded_gguf_path().read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="header ends early"):
+        read_gguf(cut)
+    with pytest.raises(weights.WeightsError, match="not a readable GGUF file"):
+        weights.gguf_source(cut)
+
+
 def test_out_of_vocabulary_token_ids(smol):
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         smol[0](np.array([[1, 2, 49152]]))

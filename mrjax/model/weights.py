@@ -258,24 +258,24 @@ def gguf_source(path: Path) -> tuple[LlamaConfig, TensorSource]:
     """Config and dequantised tensors of a llama.cpp GGUF file."""
     import gguf
 
+    from .gguf_file import read_gguf
+
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the gguf package raises bare ValueError/struct errors on bad files
+        metadata, tensors = read_gguf(path)
+    except (OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a readable GGUF file ({err})") from None
 
     def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+        return metadata.get(key, default)
 
     arch = field("general.architecture")
     if arch != "llama":
         raise WeightsError(f"{path}: GGUF architecture {arch!r}: mrjax runs Llama-architecture models only")
-    tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise WeightsError(f"{path}: GGUF files with rope_freqs (Llama-3.1 scaling) are not supported; use the HF checkpoint")
     heads = int(field("llama.attention.head_count"))
     hidden = int(field("llama.embedding_length"))
-    vocab = field("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens", []))
     config = LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -304,8 +304,7 @@ def gguf_source(path: Path) -> tuple[LlamaConfig, TensorSource]:
 
     def read(hf_name: str) -> np.ndarray:
         t = tensors[names[hf_name]]
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        w = gguf.quants.dequantize(t.data, t.type).astype(np.float32).reshape(t.shape)
         if hf_name.endswith("q_proj.weight"):
             w = _unpermute_rope(w, config.num_heads)
         elif hf_name.endswith("k_proj.weight"):
@@ -313,7 +312,7 @@ def gguf_source(path: Path) -> tuple[LlamaConfig, TensorSource]:
         return w
 
     return config, TensorSource(set(names) | unmapped, read, str(path),
-                                shape=lambda hf_name: tuple(int(n) for n in reversed(tensors[names[hf_name]].shape)))
+                                shape=lambda hf_name: tensors[names[hf_name]].shape)
 
 
 # ---------------------------------------------------------------- params
