@@ -73,6 +73,10 @@ PINNED_KEY = "pinned_inputs"
 HELD_OUT_PAIRS = "held_out_pairs.jsonl"
 # Fewer pairs than this and nothing is held out (a handful of pairs measures nothing and trains little).
 MIN_PAIRS_TO_HOLD_OUT = 5
+# The stages that load a model and generate or train (the self-instruct prompt pool generates): the
+# only ones before which the process hands freed memory back (the others read and write small files).
+ALLOCATING_STAGES = frozenset({"prompt_pool", "parse_before", "train", "parse_after", "responses", "judgments",
+                               "meta_judgments"})
 
 
 # ----------------------------------------------------------------------------- checks
@@ -306,7 +310,8 @@ class MetaRewardingRun:
                         shutil.rmtree(path, ignore_errors=True)
         barrier(f"redo {label}")
         self.ran.append(label)
-        release_memory()  # what the last stage freed goes back to the OS before this one allocates
+        if name in ALLOCATING_STAGES:  # what the last stages freed goes back to the OS before this one allocates
+            release_memory()  # (a full garbage collection: ~0.5 s, not worth it before a stage that only reads files)
         t0 = time.perf_counter()
         info = fn() or {}
         info["wall_s"] = round(agreed(time.perf_counter() - t0), 3)
