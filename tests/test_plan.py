@@ -76,8 +76,8 @@ def test_refuses_8b_on_one_16_gib_device_and_names_the_fix():
 def test_refusal_names_remat_when_activations_do_not_fit():
     config = load_config(REPO / "configs" / "tiny.yaml", ["model.remat=false", "train.batch_size=8",
                                                          "train.max_length=256"])
-    facts = plan(config)
+    facts = plan(config, compile=False)  # the sizes of the arrays alone: nothing compiled
     static = facts["param_bytes"] + facts["grad_bytes"] + facts["optimizer_bytes"]
-    assert static < facts["train_peak_bytes"]
+    # Room for the parameters, gradients and optimizer state and 1% more: the step's activations do not fit.
     with pytest.raises(ConfigError, match="set model.remat: true"):
-        plan(config, device_memory_gib=(static + facts["train_peak_bytes"]) / 2 / GiB)
+        plan(config, device_memory_gib=1.01 * static / GiB)
