@@ -143,13 +143,13 @@ def _worst_batch(config: Config, kind: str) -> dict:
 
 def _sampling_shapes(config: Config) -> tuple[int, int, int]:
     """(decode slots, prompt slots, new-token slots) of the config's largest generation."""
-    from mrjax.sampling import NEW_TOKENS_ROUNDING, cache_bucket, prompt_bucket
+    from mrjax.sampling import NEW_TOKENS_ROUNDING, cache_bucket, prompt_bucket, round_up
 
     it = config.iteration
     new = config.sampling.max_new_tokens
     if config.mode in ("meta_rewarding", "self_rewarding"):
         new = max(it.actor_max_new_tokens, it.judge_max_new_tokens, it.meta_judge_max_new_tokens)
-    new = -(-new // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING
+    new = round_up(new, NEW_TOKENS_ROUNDING)
     prompt = cache_bucket(prompt_bucket(config.train.max_length))  # every prompt the loop trains on fits this
     return config.sampling.batch_size, prompt, new
 
@@ -291,13 +291,13 @@ def _decode_plan(config: Config, c, mesh, dtype, param_dtype, params) -> dict[st
     from mrjax.mesh import batch_ways, named_sharding
     from mrjax.model.llama import Llama
     from mrjax.model.llama import KV_CACHE_AXES, KVCache
-    from mrjax.sampling import engine, prompt_bucket
+    from mrjax.sampling import engine, prompt_bucket, round_up
     from mrjax.sampling.sample import SampleParams
 
     module = Llama(c, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     slots, prompt, new = _sampling_shapes(config)
     ways = batch_ways(mesh)
-    slots = -(-slots // ways) * ways
+    slots = round_up(slots, ways)
     def placed(program, *args, **static):  # a program's outputs as ShapeDtypeStructs with the shardings it gives them
         compiled = program.lower(module, *args, **static).compile()
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

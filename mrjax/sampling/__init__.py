@@ -10,7 +10,7 @@ from mrjax.sampling.api import (GenerationOutput, NextTokenProbe, SamplingConfig
                                 next_token_logprobs, tokenize_prompts)
 from mrjax.sampling.sample import sample_logits
 from mrjax.sampling.scheduler import (FINISH_LENGTH, FINISH_STOP, NEW_TOKENS_ROUNDING, cache_bucket, prefix_groups,
-                                      prompt_bucket, shared_prefix_length)
+                                      prompt_bucket, round_up, shared_prefix_length)
 
 __all__ = [
     "FINISH_LENGTH",
@@ -26,6 +26,7 @@ __all__ = [
     "next_token_logprobs",
     "prefix_groups",
     "prompt_bucket",
+    "round_up",
     "sample_logits",
     "shared_prefix_length",
     "tokenize_prompts",

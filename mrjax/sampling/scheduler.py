@@ -55,6 +55,11 @@ PREFILL_CALL_COST = 256
 # --------------------------------------------------------------------------- buckets
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The least multiple of ``multiple`` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
 def prompt_bucket(length: int) -> int:
     """Padded prompt length for prefill: multiples of 8 up to 64, then 4 steps per doubling
     (80, 96, 112, 128, 160, ...), so padding wastes at most 1/4 of the prefill work."""
@@ -83,7 +88,7 @@ def row_bucket(rows: int, ways: int) -> int:
         size *= 2
     if size < rows:
         size = size * 3 // 2
-    return max(ways, -(-size // ways) * ways)
+    return max(ways, round_up(size, ways))
 
 
 def prefill_chunks(lengths: Sequence[int], ways: int) -> list[tuple[int, int]]:
@@ -238,7 +243,7 @@ class Scheduler:
         self.on_rows = on_rows
         self.ways = mesh_lib.batch_ways(self.mesh)
         self.put = functools.partial(mesh_lib.put_batch, self.mesh)
-        self.new_capacity = -(-config.max_new_tokens // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING
+        self.new_capacity = round_up(config.max_new_tokens, NEW_TOKENS_ROUNDING)
         n_prompts = len(prompt_ids)
         self.weights = engine.prepare(self.module, model.params)
         self.C, self.prefix, self.prefix_mask = prefill_shared_prefix(model, prompt_ids, self.ways)
@@ -254,7 +259,7 @@ class Scheduler:
         group_rank = {g: (min(self.own_len[p] for p in ps), ps[0]) for g, ps in members.items()}
         order = sorted(range(n_prompts), key=lambda i: (group_rank[self.group[i]], self.own_len[i], i))
         self.waiting = collections.deque((p, s) for p in order for s in range(self.n))
-        self.rows = min(row_bucket(len(self.waiting), self.ways), -(-config.batch_size // self.ways) * self.ways)
+        self.rows = min(row_bucket(len(self.waiting), self.ways), round_up(config.batch_size, self.ways))
         # Each row's prompt slots hold its real tokens only. The coarser cache buckets (two a doubling, where
         # prefill has four) let more of a stage's calls share one pool shape, hence one compiled decoder.
         self.prompt_slots = cache_bucket(max(map(len, self.suffixes)))
@@ -262,7 +267,7 @@ class Scheduler:
         self.group_caches: dict[int, tuple] = {}
         self.refill_at = max(1, self.rows // REFILL_FRACTION)
         # A probe's appended tokens go after the row's generated ones: room for them in every slot.
-        appended = -(-probe.max_appended // NEW_TOKENS_ROUNDING) * NEW_TOKENS_ROUNDING if probe else 0
+        appended = round_up(probe.max_appended, NEW_TOKENS_ROUNDING) if probe else 0
         self.pool = engine.empty_pool(self.module, rows=self.rows, prompt_slots=self.prompt_slots,
                                       cache_slots=self.prompt_slots + self.new_capacity + appended,
                                       new_capacity=self.new_capacity)
@@ -374,7 +379,7 @@ class Scheduler:
             keep.append(kept)
             feeds.append(feed)
         N = row_bucket(len(finished), self.ways)
-        T = -(-max(map(len, feeds)) // 8) * 8
+        T = round_up(max(map(len, feeds)), 8)
         where = np.full(N, finished[0], np.int32)  # padding rows read the first one again (ignored)
         keep_a, feed_len = np.zeros(N, np.int32), np.ones(N, np.int32)
         feed = np.zeros((N, T), np.int32)
@@ -399,7 +404,7 @@ class Scheduler:
         # A power of two (as few pool shapes, hence decoder compilations, as halving gives), jumping
         # straight to the one that holds the live rows.
         power_of_two = 1 << (len(live) - 1).bit_length()
-        size = max(-(-power_of_two // self.ways) * self.ways, min(MIN_SHRUNK_POOL, size // 2))
+        size = max(round_up(power_of_two, self.ways), min(MIN_SHRUNK_POOL, size // 2))
         if size >= len(self.slot_row):
             return
         dead = next(b for b, r in enumerate(self.slot_row) if r is None)  # done: pads compute, record nothing
