@@ -14,9 +14,25 @@ os.environ["MRJAX_COMPILATION_CACHE"] = "off"
 # The subprocess runs' cache keeps every program, not only those that take 0.5 s to compile: the tiny
 # model's programs compile fast, but there are many, and most runs repeat the same ones.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# The tests' programs are small and most run a few times, so compiling them costs more than running
+# them: XLA compiles without LLVM's optimizations here (and in the runs the tests start, which inherit
+# this environment), which halves the compile time of a tiny loop. Results are compared with
+# independent references to tolerances, or with runs under the same setting; CI's tiny loop (.ci/run)
+# and the benchmarks compile as users do. Tests whose programs do a lot of elementwise work ask for
+# the full optimization (``full_optimization``).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+@pytest.fixture
+def full_optimization():
+    """XLA's full optimization for this test's compilations (the suite turns most of it off)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
 
 CHAT_PROMPTS = [
     "Hi!",

@@ -1,8 +1,10 @@
 """Scale-out end to end on one tiny loop iteration (generation, judging, meta-judging, DPO):
 
-- every mesh layout of 8 CPU devices makes the files and parameters of one device;
+- 8 CPU devices on all three mesh axes (data 2, fsdp 2, tensor 2) make the files and parameters
+  of one device;
 - a real multi-process job, two OS processes joined by ``jax.distributed`` on localhost (4 CPU
-  devices each, gloo collectives), makes those of one process, through an orbax save and restore;
+  devices each, data parallel over the 8, gloo collectives), makes those of one device, through an
+  orbax save and restore;
 - a killed process fails the other within a bounded time."""
 import json
 import os
@@ -77,10 +79,11 @@ def _params(run_dir):
     return load_file(str(run_dir / "iter_1" / "hf" / "model.safetensors"))
 
 
-# The loop on two layouts: pure data parallel (the two-process job's) and all three axes at once. The
-# model's logits, the sampler and the training step are checked on fsdp8 and fsdp2_tensor4 as well
-# (test_model, test_sampling, test_train_step), in-process and at a fraction of a loop's cost.
-LAYOUTS = {"data8": (8, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+# The loop on all three axes at once in one process; pure data parallelism over 8 devices is the
+# two-process job's layout. The model's logits and the training step are checked on data8, fsdp8 and
+# fsdp2_tensor4 as well, and the sampler on fsdp2_tensor4 (test_model, test_train_step,
+# test_sampling), in-process and at a fraction of a loop's cost.
+LAYOUTS = {"data2_fsdp2_tensor2": (2, 2, 2)}
 STAGE_FILES = ("prompts", "responses", "judgments", "actor_pairs", "meta_judgments", "judge_pairs")
 
 
@@ -153,7 +156,7 @@ def test_two_processes_make_the_files_and_parameters_of_one(runs, tmp_path):
     assert json.loads(out0.strip().splitlines()[-1])["final_model"].endswith("iter_1/hf")
     assert not any(line.startswith("{") for line in out1.splitlines())  # only process 0 reports (gloo chats) ...
     assert "INFO" not in err1  # ... and logs
-    _assert_same_run(run_dir, runs("data8"))  # one process over the same 8-device mesh
+    _assert_same_run(run_dir, runs("one"))
 
 
 def test_a_killed_process_fails_the_other_in_bounded_time(tmp_path):
