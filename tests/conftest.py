@@ -18,12 +18,13 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # them: XLA compiles without LLVM's optimizations here (and in the runs the tests start, which inherit
 # this environment), which halves the compile time of a tiny loop. Results are compared with
 # independent references to tolerances, or with runs under the same setting; CI's tiny loop (.ci/run)
-# and the benchmarks compile as users do. Tests whose programs do a lot of elementwise work ask for
-# the full optimization (``full_optimization``).
+# and ``python -m mrjax.bench`` compile as users do. Tests whose programs do a lot of elementwise work
+# ask for the full optimization (``full_optimization``).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
 
 @pytest.fixture
 def full_optimization():

@@ -99,7 +99,7 @@ def test_the_cycle_finder_finds_cycles():
 # each import starts from a package that nothing has imported yet (third-party modules stay loaded:
 # what is checked is mrjax's own import order).
 IMPORT_EACH_ALONE = """
-import importlib, sys, traceback
+import importlib, sys
 failures = []
 for name in sys.argv[1:]:
     for loaded in [m for m in sys.modules if m == "mrjax" or m.startswith("mrjax.")]:
