@@ -16,7 +16,7 @@ os.environ["MRJAX_COMPILATION_CACHE"] = "off"
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # The tests' programs are small and most run a few times, so compiling them costs more than running
 # them: XLA compiles without LLVM's optimizations here (and in the runs the tests start, which inherit
-# this environment), which halves the compile time of a tiny loop. Results are compared with
+# this environment), which cuts a tiny loop's compile time by 40-50%. Results are compared with
 # independent references to tolerances, or with runs under the same setting; CI's tiny loop (.ci/run)
 # and ``python -m mrjax.bench`` compile as users do. Tests whose programs do a lot of elementwise work
 # ask for the full optimization (``full_optimization``).
