@@ -239,10 +239,14 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
         device_memory_gib = stats["bytes_limit"] / GiB if "bytes_limit" in stats else None
     facts["device_memory_bytes"] = int(device_memory_gib * GiB) if device_memory_gib else None
     limit = facts["device_memory_bytes"]
-    static = facts["param_bytes"] + facts["grad_bytes"] + facts["optimizer_bytes"]
-    if limit is not None and static > limit:
+
+    def refuse():
         raise ConfigError(f"{config.model.name} does not fit on {mesh.size} device(s) of {device_memory_gib:g} GiB: "
                           + _fix_for(facts, config, limit))
+
+    static = facts["param_bytes"] + facts["grad_bytes"] + facts["optimizer_bytes"]
+    if limit is not None and static > limit:
+        refuse()
     if not compile:
         return facts
 
@@ -264,6 +268,8 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
             facts[f"train_{tag}_activation_bytes"] = memory["temp"]
         if remat == config.model.remat:
             facts["train_peak_bytes"] = memory["peak"] if memory else None
+    if limit is not None and (facts["train_peak_bytes"] or 0) > limit:  # refused before compiling any more
+        refuse()
     # XLA's cost analysis counts a loop's body once, and the layers are one scanned loop: the step's
     # FLOPs are those of unrolled 1- and 2-layer copies of the model, extrapolated (every layer is the same).
     # (XLA:CPU's count leaves remat's recomputation out: about 2 x layer parameters x tokens more.)
@@ -279,8 +285,7 @@ def plan(config: Config, device_memory_gib: float | None = None, compile: bool =
     facts["fits"] = None if limit is None else all(
         (facts.get(k) or 0) <= limit for k in ("train_peak_bytes", "sampling_peak_bytes"))
     if facts["fits"] is False:
-        raise ConfigError(f"{config.model.name} does not fit on {mesh.size} device(s) of {device_memory_gib:g} GiB: "
-                          + _fix_for(facts, config, limit))
+        refuse()
     return facts
 
 
