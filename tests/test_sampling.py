@@ -108,8 +108,9 @@ def test_greedy_matches_transformers_batched_and_alone(smol, greedy_reference, g
     assert texts[0][0] == tok.decode(greedy_reference[0], skip_special_tokens=True)
 
 
-# All three axes, and tensor parallel over 4; pure data parallel over 8 samples in test_scale_out's
-# two-process loop.
+# All three axes, and tensor parallel over 4; data parallel over 4 (with tensor 2) samples in
+# test_seed_reproduces_samples_across_batching_and_devices, and the loop on all three axes over two
+# processes in test_scale_out.
 @pytest.mark.parametrize("layout", [(2, 2, 2), (1, 2, 4)])
 def test_greedy_matches_transformers_on_an_8_device_mesh(smol, greedy_reference, layout):
     single, tok = smol
