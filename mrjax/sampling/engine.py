@@ -115,12 +115,17 @@ def empty_pool(module, *, rows: int, prompt_slots: int, cache_slots: int, new_ca
          mesh_lib.constrain(jnp.zeros((rows, c.num_kv_heads, cache_slots, c.head_dim), module.dtype), mesh, DECODE_V_AXES))
         for _ in range(c.num_layers)
     ]
-    return SlotPool(
+    pool = SlotPool(
         caches=caches, prompt_mask=zeros((rows, prompt_slots), bool), prompt_len=zeros((rows,)),
         prompt_index=zeros((rows,)), sample_index=zeros((rows,)), token=zeros((rows,)), step=zeros((rows,)),
         done=jnp.ones((rows,), bool), stopped=zeros((rows,), bool), out_tokens=zeros((rows, new_capacity)),
         out_logprobs=zeros((rows, new_capacity), jnp.float32),
     )
+    if mesh is not None and mesh.size == 1:
+        # On the mesh, as ``decode`` returns the pool: else ``insert`` compiles twice, for the empty pool
+        # (one device's arrays) and for the pool after decoding (the mesh's).
+        pool = jax.lax.with_sharding_constraint(pool, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return pool
 
 
 @jax.jit
