@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -166,7 +165,9 @@ class Trainer:
         if examples.ref_logps is None:
             raise ValueError("pair_metrics: DPO examples need reference log-probs (Trainer.attach_reference)")
         sums, counts = self.sequence_logps(examples, params)
-        per_pair = _pair_metrics(sums, counts, examples.ref_logps, self.dpo)
+        losses, cr, rr = ts.dpo_pair_terms(jnp.asarray(sums), jnp.asarray(counts), jnp.asarray(examples.ref_logps),
+                                           self.dpo)
+        per_pair = ts.dpo_pair_metrics(losses, cr, rr, sums[:, 0], sums[:, 1])
         return {name: np.asarray(value) for name, value in per_pair.items()}
 
     # ------------------------------------------------------------ training
@@ -318,15 +319,8 @@ class Trainer:
         return state, last_metrics
 
 
-@functools.partial(jax.jit, static_argnames=("dpo",))
-def _pair_metrics(sums, counts, ref_logps, dpo) -> dict[str, jax.Array]:
-    """``pair_metrics``' arithmetic as one program (run op by op, each op compiled for each pair count)."""
-    losses, chosen_rewards, rejected_rewards = ts.dpo_pair_terms(sums, counts, ref_logps, dpo)
-    return ts.dpo_pair_metrics(losses, chosen_rewards, rejected_rewards, sums[:, 0], sums[:, 1])
-
-
 def _means(per_pair: dict[str, np.ndarray]) -> dict[str, float]:
-    return {name: float(np.mean(value)) for name, value in per_pair.items()}
+    return ts.numpy_metrics({name: jnp.mean(jnp.asarray(value)) for name, value in per_pair.items()})
 
 
 @jax.jit
