@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from loop_helpers import REPO, TINY, XLA_CACHE, rows
 
+from mrjax.mesh import MESH_AXES
+
 pytestmark = pytest.mark.slow
 
 # One iteration with judge training; 8 DPO rows a step, split over the 8 devices. tiny-random's
@@ -46,7 +48,7 @@ def _env(devices: int, fault: str | None = None, **extra) -> dict:
 
 def _command(run_dir, mesh=(-1, 1, 1)) -> list[str]:
     return [sys.executable, "-m", "mrjax.train", "--config", str(TINY), f"run_dir={run_dir}", *OVERRIDES,
-            *(f"mesh.{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), mesh))]
+            *(f"mesh.{axis}={n}" for axis, n in zip(MESH_AXES, mesh))]
 
 
 def _start_job(run_dir, faults=(None, None), heartbeat_s: int = 100, mesh=(-1, 1, 1)) -> list[subprocess.Popen]:
