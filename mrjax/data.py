@@ -444,6 +444,10 @@ class BatchShape:
     shared_tokens: int  # prompt tokens all of the group's rows start with, run once per micro-batch (0: none)
     prefix_len: int  # slots for each row's prompt after the shared part (without its last token)
     length: int  # slots for a completion
+    # The group's longest prompt rests and completions, longest first (a batch's worth): how many real
+    # tokens any batch of the group can hold, so its packed sizes (``make_batch``'s slots) are the group's too.
+    longest_prefixes: tuple[int, ...] = ()
+    longest_completions: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,10 +476,14 @@ def batch_groups(
         heads = [examples.prompts[i][:-1] for i in members]
         shared = common_prefix_length(heads) if len(members) > 1 else 0
         shared = shared if shared >= MIN_SHARED_TOKENS else 0
+        rests = sorted((len(h) - shared for h in heads), reverse=True)
+        completions = sorted((len(c) for i in members for c in examples.completions[i]), reverse=True)
         shape = BatchShape(
             shared,
-            padded_length(max(len(h) for h in heads) - shared, max_length, pad_multiple),
-            padded_length(max(len(c) for i in members for c in examples.completions[i]), max_length, pad_multiple),
+            padded_length(rests[0], max_length, pad_multiple),
+            padded_length(completions[0], max_length, pad_multiple),
+            tuple(rests[:batch_size]),
+            tuple(completions[:batch_size * examples.repeats]),
         )
         out.append(BatchGroup(np.asarray(members, np.int64), shape))
     return out
@@ -506,6 +514,8 @@ def make_batch(
     pad_multiple: int = PAD_MULTIPLE,
     share_prefix: bool = True,
     shape: BatchShape | None = None,
+    shards: int = 1,
+    pack: bool = True,
 ) -> dict[str, np.ndarray]:
     """Numpy arrays [A, b, ...] (A = micro_batches, b = batch_size / A) for ``mrjax.train_step``.
 
@@ -520,6 +530,13 @@ def make_batch(
 
     With a ``shape`` (the rows' ``batch_groups`` group's), the shared part is the group's and the
     arrays have the group's lengths, whatever rows the batch holds.
+
+    With ``pack`` (and padding to drop), ``prefix_slots`` [A, shards, Np] and ``slots`` [A, shards, Nc] list
+    where the real tokens of the prefix and completion segments are: each micro-batch's rows cut into
+    ``shards`` (the mesh's batch shards), the flat slot within its shard (spare places: the shard's slot
+    count). The step then runs the per-token work on those tokens only (``mrjax.model.llama.Packing``).
+    Np and Nc are the group's bound with a ``shape`` (so the group still compiles one program), else
+    the batch's own; both rounded up to ``pad_multiple``.
     """
     if not 0 < len(indices) <= batch_size or batch_size % micro_batches:
         raise ValueError(f"{len(indices)} indices for a batch of {batch_size} in {micro_batches} micro-batches")
@@ -604,7 +621,44 @@ def make_batch(
                 shared_positions[a, shared_len - n:] = np.arange(n)
                 shared_mask[a, shared_len - n:] = True
         batch.update(shared_tokens=shared_tokens, shared_positions=shared_positions, shared_mask=shared_mask)
+    if pack:
+        batch.update(real_token_slots(batch, shards, pad_multiple, shape if share_prefix else None))
     return batch
+
+
+def _slot_lists(mask: np.ndarray, shards: int, size: int) -> np.ndarray:
+    """[A, shards, size]: the real slots of each micro-batch's shards of ``mask`` [A, rows, T], flat within
+    the shard; spare places hold the shard's slot count."""
+    local = mask.reshape(mask.shape[0], shards, -1)
+    out = np.full(local.shape[:2] + (size,), local.shape[2], np.int32)
+    for a in range(local.shape[0]):
+        for s in range(shards):
+            real = np.flatnonzero(local[a, s])
+            out[a, s, :len(real)] = real
+    return out
+
+
+def real_token_slots(batch: dict[str, np.ndarray], shards: int = 1, pad_multiple: int = PAD_MULTIPLE,
+                     shape: BatchShape | None = None) -> dict[str, np.ndarray]:
+    """``prefix_slots`` and ``slots`` for a batch (see ``make_batch``); none when packing saves nothing."""
+    prefix_mask, mask = batch["prefix_mask"], batch["mask"]
+    rows = prefix_mask.shape[1]
+    shards = shards if shards > 0 and rows % shards == 0 else 1
+    repeats = mask.shape[1] // rows
+    prefix_slots, completion_slots = prefix_mask.shape[2] * rows // shards, mask.shape[2] * rows * repeats // shards
+
+    def size(mask: np.ndarray, longest: tuple[int, ...], per_row: int, slots: int) -> int:
+        if longest:  # the group's bound: any rows // shards of its rows hold at most this many tokens
+            real = sum(longest[:rows // shards * per_row])
+        else:
+            real = int(mask.reshape(mask.shape[0], shards, -1).sum(-1).max())
+        return padded_length(real, slots, pad_multiple)
+
+    n_prefix = size(prefix_mask, shape.longest_prefixes if shape else (), 1, prefix_slots)
+    n_completion = size(mask, shape.longest_completions if shape else (), repeats, completion_slots)
+    if n_prefix + n_completion >= prefix_slots + completion_slots:
+        return {}
+    return {"prefix_slots": _slot_lists(prefix_mask, shards, n_prefix), "slots": _slot_lists(mask, shards, n_completion)}
 
 
 @dataclasses.dataclass
@@ -634,8 +688,9 @@ class Batcher:
         max_length: int,
         shuffle: bool = True,
         pad_multiple: int = PAD_MULTIPLE,
+        shards: int = 1,
     ):
-        self.examples, self.batch_size, self.micro_batches = examples, batch_size, micro_batches
+        self.examples, self.batch_size, self.micro_batches, self.shards = examples, batch_size, micro_batches, shards
         self.seed, self.pad_id, self.max_length, self.shuffle, self.pad_multiple = (
             seed, pad_id, max_length, shuffle, pad_multiple
         )
@@ -670,7 +725,7 @@ class Batcher:
         idx, shape = self._batches(pos.epoch)[pos.batch]
         return (
             make_batch(self.examples, idx, self.batch_size, self.micro_batches, self.pad_id, self.max_length,
-                       self.pad_multiple, shape=shape),
+                       self.pad_multiple, shape=shape, shards=self.shards),
             idx,
         )
 
@@ -681,14 +736,16 @@ def steps_per_epoch(groups: Sequence[BatchGroup], batch_size: int) -> int:
 
 
 def sequential_batches(
-    examples: Examples, batch_size: int, pad_id: int, max_length: int, pad_multiple: int = PAD_MULTIPLE
+    examples: Examples, batch_size: int, pad_id: int, max_length: int, pad_multiple: int = PAD_MULTIPLE,
+    shards: int = 1,
 ) -> Iterable[tuple[dict[str, np.ndarray], np.ndarray]]:
     """All examples, ``batch_size`` at a time, group by group (``batch_groups``: one shape a group), each
     group in file order (for reference log-probs and evaluation)."""
     for group in batch_groups(examples, batch_size, max_length, pad_multiple):
         for start in range(0, len(group.members), batch_size):
             idx = group.members[start:start + batch_size]
-            yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, pad_multiple, shape=group.shape), idx
+            yield make_batch(examples, idx, batch_size, 1, pad_id, max_length, pad_multiple, shape=group.shape,
+                             shards=shards), idx
 
 
 __all__ = [

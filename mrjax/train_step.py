@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrjax.config import LOSS_TYPES
 from mrjax.mesh import named_sharding, put
-from mrjax.model.llama import KVCache, mixed_matmul, unembedding
+from mrjax.model.llama import KVCache, mixed_matmul, pack, packing, unembedding, unpack
 
 DPO_METRICS = (
     "loss",
@@ -175,15 +175,33 @@ def training_cache_dtype(dtype: Any) -> Any:
     return jnp.float32 if jax.default_backend() == "cpu" else dtype
 
 
+def concatenated_slots(prefix_slots: jax.Array, slots: jax.Array, rows: int, prefix_len: int, length: int,
+                       repeats: int) -> jax.Array:
+    """The real-token slots of the prompt-then-completion rows [rows*repeats, P+C] (each prompt repeated
+    for its completions), from those of the prefix [rows, P] and completion [rows*repeats, C] segments
+    (``mrjax.data.make_batch``'s ``prefix_slots``, ``slots``: [S, n], flat within each of S shards)."""
+    local = rows // prefix_slots.shape[0]  # prompt rows per shard
+    width, spare = prefix_len + length, local * repeats * (prefix_len + length)
+    row, col = prefix_slots // prefix_len, prefix_slots % prefix_len
+    from_prefix = ((row * repeats)[..., None] + jnp.arange(repeats)) * width + col[..., None]
+    from_prefix = jnp.where((prefix_slots < local * prefix_len)[..., None], from_prefix, spare)
+    from_completion = (slots // length) * width + prefix_len + slots % length
+    from_completion = jnp.where(slots < local * repeats * length, from_completion, spare)
+    return jnp.concatenate([from_prefix.reshape(from_prefix.shape[0], -1), from_completion], axis=1)
+
+
 def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_prompt: bool) -> jax.Array:
     """Final hidden states [b*repeats, C] of the completion segment of a micro-batch.
 
     Only the completion segment's hidden states are returned, so logits are never computed over the prompt.
+    With ``prefix_slots``/``slots`` (``mrjax.data.make_batch``) each model call runs its per-token work on
+    the real tokens only (``mrjax.model.llama.Packing``): the same result without the padding's work.
     """
     prefix_tokens, prefix_positions, prefix_mask = mb["prefix_tokens"], mb["prefix_positions"], mb["prefix_mask"]
     b, prefix_len = prefix_tokens.shape
     length = mb["tokens"].shape[1]
     apply = lambda *a, **k: module.apply({"params": params}, *a, **k)  # noqa: E731
+    packs = "slots" in mb
 
     def rep(x):  # rows [b, ...] -> [b*repeats, ...], each prompt next to its completions
         return x if repeats == 1 else jnp.repeat(x, repeats, axis=0)
@@ -214,17 +232,20 @@ def completion_hidden(module: Any, params: dict, mb: dict, repeats: int, share_p
         else:
             cache = grow(cache, b, prefix_len)
         prompt_mask = kv_mask[::repeats, : done + prefix_len]
-        _, cache = apply(prefix_tokens, prefix_positions, prompt_mask, cache, done, return_hidden=True)
+        _, cache = apply(prefix_tokens, prefix_positions, prompt_mask, cache, done, return_hidden=True,
+                         packed=packing(mb["prefix_slots"], b, prefix_len) if packs else None)
         hidden, _ = apply(mb["tokens"], mb["positions"], kv_mask, grow(cache, b * repeats, length), done + prefix_len,
-                          return_hidden=True)
+                          return_hidden=True, packed=packing(mb["slots"], b * repeats, length) if packs else None)
         return hidden
     tokens = jnp.concatenate([rep(prefix_tokens), mb["tokens"]], axis=1)
     positions = jnp.concatenate([rep(prefix_positions), mb["positions"]], axis=1)
-    if cache is None:
-        hidden, _ = apply(tokens, positions, kv_mask, return_hidden=True)
-    else:
+    packed = None
+    if packs:
+        slots = concatenated_slots(mb["prefix_slots"], mb["slots"], b, prefix_len, length, repeats)
+        packed = packing(slots, b * repeats, prefix_len + length)
+    if cache is not None:
         cache = grow(cache, b * repeats, prefix_len + length)
-        hidden, _ = apply(tokens, positions, kv_mask, cache, done, return_hidden=True)
+    hidden, _ = apply(tokens, positions, kv_mask, cache, done, return_hidden=True, packed=packed)
     return hidden[:, prefix_len:]
 
 
@@ -233,9 +254,17 @@ def sequence_logps(
 ) -> tuple[jax.Array, jax.Array]:
     """Summed completion log-probs and completion token counts, both [b, repeats]."""
     hidden = completion_hidden(module, params, mb, repeats, share_prompt)
-    rows, length = mb["targets"].shape
-    chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
-    per_token = token_logps(hidden, unembedding(params, module.config), mb["targets"], chunk, module.split_weights)
+    targets, unembed = mb["targets"], unembedding(params, module.config)
+    if "slots" in mb:  # the unembedding on the real completion tokens only
+        packed = packing(mb["slots"], *targets.shape)
+        rows, length = packed.slots.shape
+        chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
+        per_token = unpack(packed, token_logps(pack(packed, hidden), unembed, pack(packed, targets), chunk,
+                                               module.split_weights))
+    else:
+        rows, length = targets.shape
+        chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
+        per_token = token_logps(hidden, unembed, targets, chunk, module.split_weights)
     mask = mb["mask"].astype(jnp.float32)
     sums = jnp.sum(per_token * mask, axis=-1).reshape(-1, repeats)
     counts = jnp.sum(mask, axis=-1).reshape(-1, repeats)

@@ -102,6 +102,7 @@ class Trainer:
         if self.micro_batch % ways:
             log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
                         self.micro_batch, ways)
+        self.batch_shards = 1 if self.micro_batch % ways else ways  # a batch's real tokens pack shard by shard
         self._logps = _memo(
             ("logps", self.module, self.mesh, self.kind, self.dpo.share_prompt, config.train.max_logits_mb),
             lambda: ts.make_logps_fn(self.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1,
@@ -115,7 +116,7 @@ class Trainer:
 
     def _sequential(self, examples: Examples):
         return sequential_batches(examples, self.micro_batch, self.tokenizer.pad_id, self.train_settings.max_length,
-                                  self.train_settings.pad_multiple)
+                                  self.train_settings.pad_multiple, self.batch_shards)
 
     def sequence_logps(self, examples: Examples, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Summed completion log-probs and token counts [n, r] of every example (default: the model's params)."""
@@ -214,7 +215,7 @@ class Trainer:
         tx, shardings, step_fn = _memo(key, build)
         self.step_fn = step_fn
         batcher = Batcher(examples, t.batch_size, t.grad_accum, self.config.seed, self.tokenizer.pad_id,
-                          t.max_length, t.shuffle, t.pad_multiple)
+                          t.max_length, t.shuffle, t.pad_multiple, self.batch_shards)
         run_meta = {
             "kind": self.kind,
             "data_fingerprint": examples.fingerprint,

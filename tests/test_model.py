@@ -2,6 +2,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -363,3 +364,53 @@ def test_attention_and_its_gradients_match_float64():
     grads = jax.grad(lambda *a: (attend(*a, jnp.asarray(allowed)) * cotangent).sum(), argnums=(0, 1, 2))(*args)
     for grad, v, w in zip(grads, direction, want_dir):
         np.testing.assert_allclose(float((np.asarray(grad, np.float64) * v).sum()), w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_packed_forward_equals_padded(shards):
+    """The per-token work on the real tokens only (``Packing``): the padded forward's hidden states at real
+    tokens, zeros at padding, and the same gradients; through a KV cache too (a prompt, then a continuation)."""
+    from mrjax.model.llama import KVCache, Llama, LlamaConfig, packing
+
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    model = Llama(config)
+    B, T = 4, 8
+    tokens = np.random.default_rng(0).integers(0, 100, (B, T)).astype(np.int32)
+    mask = np.arange(T)[None, :] >= T - np.array([8, 3, 5, 1])[:, None]  # left-padded rows
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    local = mask.reshape(shards, -1)
+    slots = np.full((shards, local.sum(axis=1).max() + 2), local.shape[1], np.int32)  # two spare places
+    for s in range(shards):
+        slots[s, :local[s].sum()] = np.flatnonzero(local[s])
+    packed = packing(jnp.asarray(slots), B, T)
+
+    def hidden(params, packed, cache=None):
+        h, cache = model.apply({"params": params}, tokens, positions, mask if cache is None else
+                               np.concatenate([mask, mask], axis=1), cache, 0 if cache is None else T,
+                               return_hidden=True, packed=packed)
+        return h, cache
+
+    want, _ = hidden(params, None)
+    got, _ = hidden(params, packed)
+    np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], rtol=1e-6, atol=1e-6)
+    assert not np.asarray(got)[~mask].any()
+    # A continuation after a prompt in the cache (the cache's keys written through the packed tokens).
+    def prefill(packed):
+        return model.apply({"params": params}, tokens, positions, np.concatenate([mask, mask], axis=1),
+                           KVCache.zeros(config, B, 2 * T), 0, return_hidden=True, packed=packed)[1]
+
+    cache, padded_cache = prefill(packed), prefill(None)
+    for a, b in zip(cache, padded_cache):  # [layers, B, 2T, kv_heads, head_dim]: the prompt's real keys agree
+        np.testing.assert_allclose(np.asarray(a)[:, :, :T][:, mask], np.asarray(b)[:, :, :T][:, mask], rtol=1e-6,
+                                   atol=1e-6)
+    want_next, _ = hidden(params, None, cache)
+    got_next, _ = hidden(params, packed, cache)
+    np.testing.assert_allclose(np.asarray(got_next)[mask], np.asarray(want_next)[mask], rtol=1e-6, atol=1e-6)
+
+    def loss(params, packed):
+        return jnp.sum(jnp.where(mask[..., None], hidden(params, packed)[0], 0.0) ** 2)
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, None)), jax.tree.leaves(jax.grad(loss)(params, packed))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

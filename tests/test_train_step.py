@@ -12,7 +12,7 @@ from conftest import single_device_mesh
 from mrjax import train_step as ts
 from mrjax.config import DPOSettings, TrainSettings
 from mrjax.data import make_batch, tokenize_rows
-from mrjax.mesh import make_mesh
+from mrjax.mesh import batch_ways, make_mesh
 
 # ---------------------------------------------------------------- dpo_loss vs float64
 
@@ -591,14 +591,100 @@ def test_shared_prefix_sharded_sft_step_equals_single_device_unshared(tiny):
         shardings = ts.state_shardings(tx, shards, jax.eval_shape(lambda p: p, params), mesh)
         module = type(model.module)(model.config, mesh=mesh)
         step = ts.make_train_step("sft", module, tx, schedule, shardings, mesh)
-        batch = make_batch(examples, list(range(7)), 8, 1, tok.pad_id, 1024, share_prefix=share)
-        assert ("shared_tokens" in batch) == share
+        # Sharded, the rows' real tokens pack shard by shard (4 shards of 2 rows); on one device, padded.
+        batch = make_batch(examples, list(range(7)), 8, 1, tok.pad_id, 1024, share_prefix=share,
+                           shards=batch_ways(mesh), pack=share)
+        assert ("shared_tokens" in batch) == share and ("slots" in batch) == share
         state, metrics = step(ts.init_state(params, tx, shardings), batch)
         return jax.device_get(state.params), ts.numpy_metrics(metrics)
 
     got = one_step(make_mesh(data=2, fsdp=2, tensor=2), True)
+    assert got[1]["num_tokens"] > 0
     want = one_step(single_device_mesh(), False)
     _assert_same_step(got, want, keys=("loss", "grad_norm", "num_tokens"))
+
+
+def _hand_pairs():
+    """Two pairs: heads [1, 2, 3] and [4]; completions of 2 and 1, 3 and 1 tokens."""
+    from mrjax.data import Examples
+
+    prompts = [np.array([1, 2, 3, 9], np.int32), np.array([4, 9], np.int32)]
+    completions = [(np.array([5, 6], np.int32), np.array([7], np.int32)),
+                   (np.array([8, 8, 8], np.int32), np.array([6], np.int32))]
+    return Examples("dpo", prompts, completions, "t", [1, 2], "")
+
+
+def test_real_token_slots_by_hand():
+    """Hand-worked: prefixes left-padded to 4 ([_ 1 2 3], [_ _ _ 4]), completions right-padded to 4 (2, 1,
+    3, 1 real). Spare places hold the shard's slot count; sizes round up to the pad multiple (4)."""
+    from mrjax.data import Examples
+
+    examples = _hand_pairs()
+    one = make_batch(examples, [0, 1], 2, 1, 0, 256, pad_multiple=4, share_prefix=False)
+    np.testing.assert_array_equal(one["prefix_slots"], [[[1, 2, 3, 7]]])
+    np.testing.assert_array_equal(one["slots"], [[[0, 1, 4, 8, 9, 10, 12, 16]]])
+    two = make_batch(examples, [0, 1], 2, 1, 0, 256, pad_multiple=4, share_prefix=False, shards=2)
+    np.testing.assert_array_equal(two["prefix_slots"], [[[1, 2, 3, 4], [3, 4, 4, 4]]])
+    np.testing.assert_array_equal(two["slots"], [[[0, 1, 4, 8], [0, 1, 2, 4]]])
+    # Nothing to drop: no slots; packing off: none either.
+    even = Examples("dpo", [np.array([1, 2, 9], np.int32)], [(np.array([5, 6], np.int32), np.array([7, 8], np.int32))],
+                    "t", [1], "")
+    full = make_batch(even, [0, 0], 2, 1, 0, 256, pad_multiple=1, share_prefix=False)
+    assert "slots" not in full and "prefix_slots" not in full
+    assert "slots" not in make_batch(examples, [0, 1], 2, 1, 0, 256, pad_multiple=4, pack=False)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_concatenated_slots_are_the_real_tokens_of_the_prompt_then_completion_rows(shards):
+    """The prompt-then-completion layout's real slots, derived from the two segments' slots, are exactly
+    where its mask (each prompt's mask repeated for its two completions, then the completion's) is True."""
+    batch = make_batch(_hand_pairs(), [0, 1], 2, 1, 0, 256, pad_multiple=4, share_prefix=False, shards=shards)
+    prefix_mask, mask = batch["prefix_mask"][0], batch["mask"][0]
+    P, C = prefix_mask.shape[1], mask.shape[1]
+    slots = np.asarray(ts.concatenated_slots(jnp.asarray(batch["prefix_slots"][0]), jnp.asarray(batch["slots"][0]),
+                                             2, P, C, 2))
+    concatenated = np.concatenate([np.repeat(prefix_mask, 2, axis=0), mask], axis=1).reshape(shards, -1)
+    for s in range(shards):
+        local = concatenated.shape[1]
+        real = slots[s][slots[s] < local]
+        assert (slots[s][slots[s] >= local] == local).all()
+        np.testing.assert_array_equal(np.sort(real), np.flatnonzero(concatenated[s]))
+
+
+@pytest.mark.parametrize("kind,share_prompt,indices,accum,shards", [
+    ("sft", False, [0, 1, 2, 3], 1, 1),          # judge rows after their shared rubric
+    ("sft", False, [4, 5, 6, 0], 1, 2),          # actor + judge rows, nothing shared; two shards
+    ("dpo", True, [0, 4, 5, 6], 1, 2),           # each prompt once per pair; two shards
+    ("dpo", False, [0, 1, 2, 3, 4, 5], 2, 1),    # concatenated forward, two micro-batches
+])
+def test_packed_step_equals_padded(tiny, kind, share_prompt, indices, accum, shards):
+    """The step on the real tokens only (``slots``) gives the padded step's loss, metrics and gradients."""
+    model, tok = tiny
+    examples = _mixed_examples(tok, kind)
+    if kind == "dpo":
+        examples.ref_logps = np.stack([np.linspace(-60, -20, len(examples)), np.linspace(-30, -80, len(examples))],
+                                      axis=1).astype(np.float32)
+    size = 4 if len(indices) <= 4 else 8
+    packed = make_batch(examples, indices, size, accum, tok.pad_id, 1024, shards=shards)
+    padded = make_batch(examples, indices, size, accum, tok.pad_id, 1024, pack=False)
+    # Something to drop: fewer packed places than the two segments' slots.
+    places = (packed["slots"].shape[-1] + packed["prefix_slots"].shape[-1]) * shards
+    assert places < packed["mask"][0].size + packed["prefix_mask"][0].size
+    if kind == "dpo":
+        micro = ts.dpo_objective(model.module, DPOSettings(share_prompt=share_prompt), 1024)
+        denom = jnp.float32(len(indices))
+    else:
+        micro = ts.sft_objective(model.module, 1024)
+        denom = jnp.float32((padded["weights"][..., None] * padded["mask"]).sum())
+    grad_fn = jax.jit(lambda p, b: ts._accumulate(micro, p, b, denom))
+    g_packed, aux_packed = grad_fn(model.params, packed)
+    g_padded, aux_padded = grad_fn(model.params, padded)
+    for key in aux_padded:
+        np.testing.assert_allclose(float(aux_packed[key]), float(aux_padded[key]), rtol=SHARED_RTOL, err_msg=key)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_padded), jax.tree.leaves(g_padded),
+                          jax.tree.leaves(g_packed)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=SHARED_RTOL, atol=SHARED_ATOL,
+                                   err_msg=jax.tree_util.keystr(path[0]))
 
 
 def test_mixed_matmul_and_its_gradients_match_float64():

@@ -10,8 +10,9 @@ Workloads (defaults: the embedded SmolLM2-135M-Instruct, float32, remat ``dots``
 - ``dpo_actor``: DPO on actor pairs (a question, two responses);
 - ``dpo_judge``: DPO on judge pairs (the judge prompt, two judgments).
 
-Each runs with the shared prompt prefix computed once per micro-batch (``share``, the default of
-``mrjax.data.make_batch``) and without (``plain``): seconds per step (median of ``--steps`` after a
+Each runs as the loop's trainer runs it (``share``, the defaults of ``mrjax.data.make_batch``: the
+shared prompt prefix computed once per micro-batch, the per-token work on the real tokens only) and
+as the textbook padded step (``plain``: every row whole, padding included): seconds per step (median of ``--steps`` after a
 warm-up step), FLOPs of the step by XLA's cost analysis (the step compiled with 1 and 2 layers
 unrolled, extrapolated to the model's layers: XLA counts a scanned loop's body once), the achieved
 FLOP/s and its fraction of a square float32 matmul's rate measured in the same run (``jnp.dot`` of
@@ -101,13 +102,14 @@ class Case:
         self.examples = tokenize_rows(list(enumerate(rows, 1)), tokenizer, self.kind, max_length)
 
     def batch(self, share: bool) -> dict:
-        """All rows as one batch; shared, padded to their ``batch_groups`` shape as the loop's trainer pads them."""
+        """All rows as one batch; shared and packed, to their ``batch_groups`` shape as the loop's trainer
+        makes them; else padded, nothing shared."""
         from mrjax.data import batch_groups, make_batch
 
         n = len(self.examples)
         shape = batch_groups(self.examples, n, self.max_length)[0].shape if share else None
         return make_batch(self.examples, list(range(n)), n, 1, self.tokenizer.pad_id, self.max_length,
-                          share_prefix=share, shape=shape)
+                          share_prefix=share, shape=shape, pack=share)
 
     def make_step(self, module: Any, config: Any, params_abstract: dict):
         from mrjax import train_step as ts
@@ -173,7 +175,9 @@ def time_step(case: Case, share: bool, steps: int) -> dict:
     return {"step_s": statistics.median(times), "first_step_s": compile_s,
             "loss": ts.numpy_metrics(metrics)["loss"],
             "shared_tokens": int(batch["shared_mask"].sum(axis=1).max()) if "shared_mask" in batch else 0,
-            "slots": {k: int(batch[k].shape[-1]) for k in ("shared_tokens", "prefix_tokens", "tokens") if k in batch}}
+            "slots": {k: int(batch[k].shape[-1]) for k in ("shared_tokens", "prefix_tokens", "tokens") if k in batch},
+            "real_tokens": {"prefix": int(batch["prefix_mask"].sum()), "completions": int(batch["mask"].sum())},
+            "packed": {k: int(batch[k].shape[-1]) for k in ("prefix_slots", "slots") if k in batch}}
 
 
 def trl_step_seconds(hf_dir: Any, kind: str, rows: list[dict], steps: int, max_length: int, out_dir: Any,

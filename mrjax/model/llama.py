@@ -66,6 +66,60 @@ class LlamaConfig:
         return self.vocab_size * e + self.num_layers * layer + e + head
 
 
+class Packing(NamedTuple):
+    """Which slots of a padded [B, T] layout hold real tokens, so that the per-token work (the weight
+    products, norms, RoPE) runs on those alone: the rows are cut into S shards of B/S rows (S = the
+    mesh's batch shards, so packing never moves a token between devices) and each shard's real tokens
+    are packed into n places. Only attention sees the padded layout (it needs each token's row).
+
+    ``slots`` [S, n]: the slot (within its shard's B/S*T) of each packed token; B/S*T marks a spare
+    place. ``inverse`` [S, B/S, T]: each slot's packed place; n for a padding slot. Built by ``packing``."""
+
+    slots: jax.Array
+    inverse: jax.Array
+
+
+def packing(slots: jax.Array, rows: int, length: int) -> Packing:
+    """The ``Packing`` of real-token ``slots`` [S, n] (each shard's, within its B/S*T; B/S*T: spare)."""
+    shards, n = slots.shape
+    local = rows // shards * length
+    inverse = jnp.full((shards, local), n, jnp.int32)
+    inverse = inverse.at[jnp.arange(shards)[:, None], slots].set(jnp.arange(n, dtype=jnp.int32)[None], mode="drop")
+    return Packing(slots.astype(jnp.int32), inverse.reshape(shards, rows // shards, length))
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [S, L, ...] read at index [S, n] along L, per shard; an out-of-range index reads zeros."""
+    return jax.vmap(lambda a, i: jnp.take(a, i, axis=0, mode="fill", fill_value=0))(x, index)
+
+
+@jax.custom_vjp
+def _move(x: jax.Array, index: jax.Array, back: jax.Array) -> jax.Array:
+    """``_take(x, index)``, where ``back`` is its inverse map: packing and unpacking are each other's
+    transposes, so each one's gradient is the other (a gather), not a scatter-add."""
+    return _take(x, index)
+
+
+_move.defvjp(lambda x, index, back: (_take(x, index), (index, back)),
+             lambda saved, g: (_take(g, saved[1]), None, None))
+
+
+def pack(p: Packing, x: jax.Array) -> jax.Array:
+    """[B, T, ...] -> [S, n, ...]: the real tokens' entries (spare places hold zeros)."""
+    shards, n = p.slots.shape
+    local = x.reshape(shards, -1, *x.shape[2:])
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return _take(local, p.slots)
+    return _move(local, p.slots, p.inverse.reshape(shards, -1))
+
+
+def unpack(p: Packing, x: jax.Array) -> jax.Array:
+    """[S, n, ...] -> [B, T, ...]: each real token back in its slot, zeros in the padding."""
+    shards, rows, length = p.inverse.shape
+    out = _move(x, p.inverse.reshape(shards, -1), p.slots)
+    return out.reshape(shards * rows, length, *x.shape[2:])
+
+
 class KVCache(NamedTuple):
     """Keys and values of every layer: [layers, batch, max_len, kv_heads, head_dim]."""
 
@@ -262,7 +316,8 @@ class Attention(nn.Module):
     split_weights: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_index, packed=None):
+        """``x`` and ``positions`` [B, T, ...], or with ``packed`` (a ``Packing``) the real tokens' [S, n, ...]."""
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         wq = _param(self, "q", (e, h, d), ("embed", "heads", "head_dim"))
@@ -274,9 +329,11 @@ class Attention(nn.Module):
         q = apply_rope(project(x, wq, self.dtype, split=self.split_weights), positions, inv_freq)
         key = apply_rope(project(x, wk, self.dtype, split=self.split_weights), positions, inv_freq)
         value = project(x, wv, self.dtype, split=self.split_weights)
+        if packed is not None:  # attention runs in the padded layout, where each token's row is its axis 0
+            q, key, value = (unpack(packed, a) for a in (q, key, value))
         q = constrain(q, self.mesh, ("batch", "seq", "heads", None))
 
-        T = x.shape[1]
+        T = q.shape[1]
         if layer_cache is None:  # training / plain forward: keys are this call's tokens
             keys, values, new_cache = key, value, None
             first_slot = 0
@@ -295,6 +352,8 @@ class Attention(nn.Module):
 
         q = q.reshape(q.shape[0], T, k, h // k, d)
         out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), allowed)
+        if packed is not None:
+            out = pack(packed, out)
         return project(out, wo, self.dtype, in_dims=2, split=self.split_weights), new_cache
 
 
@@ -336,12 +395,12 @@ class Block(nn.Module):
     split_weights: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, kv_mask, cache_index):
+    def __call__(self, x, layer_cache, positions, kv_mask, cache_index, packed=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
         split = dict(split_weights=self.split_weights)
         attn_out, new_cache = Attention(self.config, mesh=self.mesh, name="attn", **kw, **split)(
-            RMSNorm(eps, name="attn_norm", **kw)(x), positions, kv_mask, layer_cache, cache_index
+            RMSNorm(eps, name="attn_norm", **kw)(x), positions, kv_mask, layer_cache, cache_index, packed
         )
         x = (x + attn_out).astype(RESIDUAL_DTYPE)
         x = (x + MLP(self.config, mesh=self.mesh, name="mlp", **kw, **split)(RMSNorm(eps, name="mlp_norm", **kw)(x))).astype(
@@ -393,6 +452,7 @@ class Llama(nn.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,  # first cache slot this call writes
         return_hidden: bool = False,  # final-norm hidden states instead of logits (for chunked log-probs)
+        packed: Packing | None = None,  # run the per-token work on the real tokens only (the same outputs)
     ):
         c = self.config
         B, T = tokens.shape
@@ -403,6 +463,9 @@ class Llama(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        token_positions = positions
+        if packed is not None:  # the residual stream holds the real tokens only: [S, n, embed]
+            tokens, token_positions = pack(packed, tokens), pack(packed, positions)
         x = jnp.take(embedding, tokens, axis=0).astype(RESIDUAL_DTYPE)
         x = constrain(x, self.mesh, ("batch", "seq", None))
 
@@ -414,14 +477,16 @@ class Llama(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             unroll=c.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, mesh=self.mesh, name="layers", split_weights=self.split_weights, **kw)
         layer_caches = None if cache is None else (cache.k, cache.v)
-        x, new_caches = layers(x, layer_caches, positions, kv_mask, jnp.asarray(cache_index, jnp.int32))
+        x, new_caches = layers(x, layer_caches, token_positions, kv_mask, jnp.asarray(cache_index, jnp.int32), packed)
         x = RMSNorm(c.rms_norm_eps, name="final_norm", **kw)(x)
+        if packed is not None:
+            x = unpack(packed, x)
         new_cache = None if cache is None else KVCache(*new_caches)
         if return_hidden:
             return x, new_cache
