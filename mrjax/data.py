@@ -640,11 +640,17 @@ def _slot_lists(mask: np.ndarray, shards: int, size: int) -> np.ndarray:
 
 def real_token_slots(batch: dict[str, np.ndarray], shards: int = 1, pad_multiple: int = PAD_MULTIPLE,
                      shape: BatchShape | None = None) -> dict[str, np.ndarray]:
-    """``prefix_slots`` and ``slots`` for a batch (see ``make_batch``); none when packing saves nothing."""
-    prefix_mask, mask = batch["prefix_mask"], batch["mask"]
-    rows = prefix_mask.shape[1]
+    """``prefix_slots`` and ``slots`` for a batch (see ``make_batch``); none when packing saves nothing.
+
+    Weight-0 rows (an epoch's short last batch, filled with copies of its first row) are left out: they
+    count for nothing, and their copies could exceed the group's bound. Their log-probs are then not
+    their rows' (the model's output there is zeros), and nothing reads them."""
+    real_rows = batch["weights"] > 0  # [A, rows]
+    rows = real_rows.shape[1]
     shards = shards if shards > 0 and rows % shards == 0 else 1
-    repeats = mask.shape[1] // rows
+    repeats = batch["mask"].shape[1] // rows
+    prefix_mask = batch["prefix_mask"] & real_rows[..., None]
+    mask = batch["mask"] & np.repeat(real_rows, repeats, axis=1)[..., None]
     prefix_slots, completion_slots = prefix_mask.shape[2] * rows // shards, mask.shape[2] * rows * repeats // shards
 
     def size(mask: np.ndarray, longest: tuple[int, ...], per_row: int, slots: int) -> int:

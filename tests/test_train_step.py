@@ -626,6 +626,11 @@ def test_real_token_slots_by_hand():
     two = make_batch(examples, [0, 1], 2, 1, 0, 256, pad_multiple=4, share_prefix=False, shards=2)
     np.testing.assert_array_equal(two["prefix_slots"], [[[1, 2, 3, 4], [3, 4, 4, 4]]])
     np.testing.assert_array_equal(two["slots"], [[[0, 1, 4, 8], [0, 1, 2, 4]]])
+    # Weight-0 rows (a short batch's copies of its first row) are left out: only row 0's tokens are listed.
+    short = make_batch(examples, [1], 2, 1, 0, 256, pad_multiple=4, share_prefix=False)
+    np.testing.assert_array_equal(short["weights"], [[1, 0]])
+    np.testing.assert_array_equal(short["prefix_slots"], [[[3, 8, 8, 8]]])
+    np.testing.assert_array_equal(short["slots"], [[[0, 1, 2, 4]]])
     # Nothing to drop: no slots; packing off: none either.
     even = Examples("dpo", [np.array([1, 2, 9], np.int32)], [(np.array([5, 6], np.int32), np.array([7, 8], np.int32))],
                     "t", [1], "")
