@@ -137,7 +137,8 @@ def _worst_batch(config: Config, kind: str) -> dict:
     prompt = np.arange(t.max_length // 2, dtype=np.int32)
     completion = np.arange(t.max_length - len(prompt), dtype=np.int32)
     examples = Examples(kind, [prompt], [(completion,) * (2 if kind == "dpo" else 1)], "plan", [0], "plan")
-    batch = make_batch(examples, [0], t.batch_size, t.grad_accum, 0, t.max_length, t.pad_multiple)
+    # Whole rows: no padding for the step to drop (``make_batch``'s packing), as a batch of the longest rows has none.
+    batch = make_batch(examples, [0], t.batch_size, t.grad_accum, 0, t.max_length, t.pad_multiple, pack=False)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
 
 

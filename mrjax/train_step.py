@@ -41,7 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mrjax.config import LOSS_TYPES
-from mrjax.mesh import named_sharding, put
+from mrjax.mesh import batch_ways, named_sharding, put
 from mrjax.model.llama import KVCache, mixed_matmul, pack, packing, unembedding, unpack
 
 DPO_METRICS = (
@@ -384,6 +384,25 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
                               (None, "batch") + (None,) * (v.ndim - 2), v.shape) for k, v in batch.items()}
 
 
+def packing_shards(mesh: Mesh, rows: int) -> int:
+    """The shards a micro-batch of ``rows`` prompt rows packs its real tokens in (``make_batch(shards=...)``):
+    the mesh's batch shards, or 1 where the rows do not divide over them (they are then replicated)."""
+    ways = batch_ways(mesh)
+    return ways if rows % ways == 0 else 1
+
+
+def check_packing(mesh: Mesh, batch: dict) -> None:
+    """A batch's real tokens must be packed per batch shard of the mesh (``packing_shards``): packed for
+    fewer shards, every device would compute every shard's tokens."""
+    if "slots" not in batch:
+        return
+    rows = batch["prefix_mask"].shape[1]
+    want = packing_shards(mesh, rows)
+    if batch["slots"].shape[1] != want:
+        raise ValueError(f"the batch's real tokens are packed for {batch['slots'].shape[1]} shards, but the mesh "
+                         f"splits its {rows} rows {want} ways: make_batch(..., shards={want})")
+
+
 def place_batch(mesh: Mesh, batch: dict) -> dict:
     """Host batch arrays onto the mesh; in a multi-process job each process places only its rows."""
     return {k: v if isinstance(v, jax.Array) else put(v, s) for (k, v), s in
@@ -511,6 +530,7 @@ def make_train_step(
         return cache[key]
 
     def run(state: TrainState, batch: dict):
+        check_packing(mesh, batch)
         return program(batch)(state, place_batch(mesh, batch))
 
     run.program = program
@@ -531,6 +551,7 @@ def make_logps_fn(
     cache: dict = {}
 
     def run(params, batch):
+        check_packing(mesh, batch)
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in cache:
             cache[key] = jax.jit(
@@ -559,6 +580,7 @@ __all__ = [
     "make_logps_fn",
     "make_optimizer",
     "make_train_step",
+    "packing_shards",
     "sequence_logps",
     "state_shardings",
     "token_logps",

@@ -102,7 +102,7 @@ class Trainer:
         if self.micro_batch % ways:
             log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
                         self.micro_batch, ways)
-        self.batch_shards = 1 if self.micro_batch % ways else ways  # a batch's real tokens pack shard by shard
+        self.batch_shards = ts.packing_shards(self.mesh, self.micro_batch)  # real tokens pack shard by shard
         self._logps = _memo(
             ("logps", self.module, self.mesh, self.kind, self.dpo.share_prompt, config.train.max_logits_mb),
             lambda: ts.make_logps_fn(self.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1,

@@ -12,7 +12,7 @@ from conftest import single_device_mesh
 from mrjax import train_step as ts
 from mrjax.config import DPOSettings, TrainSettings
 from mrjax.data import make_batch, tokenize_rows
-from mrjax.mesh import batch_ways, make_mesh
+from mrjax.mesh import make_mesh
 
 # ---------------------------------------------------------------- dpo_loss vs float64
 
@@ -239,7 +239,8 @@ def _step_once(model, tok, mesh, params, train, batch_rows=8, grad_accum=1, shar
     module = type(model.module)(model.config, mesh=mesh, **module_kw)
     step = ts.make_train_step("dpo", module, tx, schedule, shardings, mesh, DPOSettings(share_prompt=share))
     indices = STEP_INDICES[: batch_rows - 1]  # the last row is weight-0 padding
-    batch = make_batch(examples, indices, batch_rows, grad_accum, tok.pad_id, 128)
+    batch = make_batch(examples, indices, batch_rows, grad_accum, tok.pad_id, 128,
+                       shards=ts.packing_shards(mesh, batch_rows // grad_accum))
     state, metrics = step(state, batch)
     return jax.device_get(state.params), ts.numpy_metrics(metrics), state
 
@@ -593,7 +594,7 @@ def test_shared_prefix_sharded_sft_step_equals_single_device_unshared(tiny):
         step = ts.make_train_step("sft", module, tx, schedule, shardings, mesh)
         # Sharded, the rows' real tokens pack shard by shard (4 shards of 2 rows); on one device, padded.
         batch = make_batch(examples, list(range(7)), 8, 1, tok.pad_id, 1024, share_prefix=share,
-                           shards=batch_ways(mesh), pack=share)
+                           shards=ts.packing_shards(mesh, 8), pack=share)
         assert ("shared_tokens" in batch) == share and ("slots" in batch) == share
         state, metrics = step(ts.init_state(params, tx, shardings), batch)
         return jax.device_get(state.params), ts.numpy_metrics(metrics)
@@ -637,6 +638,17 @@ def test_real_token_slots_by_hand():
     full = make_batch(even, [0, 0], 2, 1, 0, 256, pad_multiple=1, share_prefix=False)
     assert "slots" not in full and "prefix_slots" not in full
     assert "slots" not in make_batch(examples, [0, 1], 2, 1, 0, 256, pad_multiple=4, pack=False)
+
+
+def test_a_batch_packed_for_other_shards_than_the_mesh_is_refused():
+    """Packed for one shard on a mesh that splits rows 4 ways, every device would compute every row's tokens."""
+    batch = make_batch(_hand_pairs(), [0, 1], 4, 1, 0, 256, pad_multiple=4, share_prefix=False)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    with pytest.raises(ValueError, match="packed for 1 shards, but the mesh splits its 4 rows 4 ways"):
+        ts.check_packing(mesh, batch)
+    ts.check_packing(mesh, make_batch(_hand_pairs(), [0, 1], 4, 1, 0, 256, pad_multiple=4, share_prefix=False,
+                                      shards=ts.packing_shards(mesh, 4)))
+    ts.check_packing(make_mesh(data=8), make_batch(_hand_pairs(), [0, 1], 4, 1, 0, 256))  # 4 rows over 8: replicated
 
 
 @pytest.mark.parametrize("shards", [1, 2])
