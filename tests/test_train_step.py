@@ -594,7 +594,7 @@ def test_shared_prefix_sharded_sft_step_equals_single_device_unshared(tiny):
         step = ts.make_train_step("sft", module, tx, schedule, shardings, mesh)
         # Sharded, the rows' real tokens pack shard by shard (4 shards of 2 rows); on one device, padded.
         batch = make_batch(examples, list(range(7)), 8, 1, tok.pad_id, 1024, share_prefix=share,
-                           shards=ts.packing_shards(mesh, 8), pack=share)
+                           shards=ts.packing_shards(mesh, 8), pack=share, pack_at_most=1.0)
         assert ("shared_tokens" in batch) == share and ("slots" in batch) == share
         state, metrics = step(ts.init_state(params, tx, shardings), batch)
         return jax.device_get(state.params), ts.numpy_metrics(metrics)
@@ -682,7 +682,7 @@ def test_packed_step_equals_padded(tiny, kind, share_prompt, indices, accum, sha
         examples.ref_logps = np.stack([np.linspace(-60, -20, len(examples)), np.linspace(-30, -80, len(examples))],
                                       axis=1).astype(np.float32)
     size = 4 if len(indices) <= 4 else 8
-    packed = make_batch(examples, indices, size, accum, tok.pad_id, 1024, shards=shards)
+    packed = make_batch(examples, indices, size, accum, tok.pad_id, 1024, shards=shards, pack_at_most=1.0)
     padded = make_batch(examples, indices, size, accum, tok.pad_id, 1024, pack=False)
     # Something to drop: fewer packed places than the two segments' slots.
     places = (packed["slots"].shape[-1] + packed["prefix_slots"].shape[-1]) * shards
