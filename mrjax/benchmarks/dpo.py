@@ -208,9 +208,10 @@ class MrjaxDPO:
 
     def _batch(self):
         from mrjax.data import make_batch
+        from mrjax.train_step import packing_shards
 
         return make_batch(self.examples, list(range(self.n)), self.n, 1, self.tokenizer.pad_id, self.max_length,
-                          shards=self.ts.packing_shards(self.model.mesh, self.n))
+                          shards=packing_shards(self.model.mesh, self.n))
 
     def step(self) -> tuple[float, float]:
         """One step; (wall seconds, process CPU seconds)."""
