@@ -537,6 +537,33 @@ def _mixed_examples(tok, kind):
 SHARED_RTOL, SHARED_ATOL = 1e-4, 1e-5
 
 
+def _examples_with_reference(tok, kind):
+    examples = _mixed_examples(tok, kind)
+    if kind == "dpo":
+        examples.ref_logps = np.stack([np.linspace(-60, -20, len(examples)), np.linspace(-30, -80, len(examples))],
+                                      axis=1).astype(np.float32)
+    return examples
+
+
+def _assert_same_gradients(model, kind, share_prompt, pairs, got, want):
+    """The accumulated loss, metric sums and gradients of batch ``got`` equal those of ``want``."""
+    if kind == "dpo":
+        micro = ts.dpo_objective(model.module, DPOSettings(share_prompt=share_prompt), 1024)
+        denom = jnp.float32(pairs)
+    else:
+        micro = ts.sft_objective(model.module, 1024)
+        denom = jnp.float32((want["weights"][..., None] * want["mask"]).sum())
+    grad_fn = jax.jit(lambda p, b: ts._accumulate(micro, p, b, denom))
+    g_got, aux_got = grad_fn(model.params, got)
+    g_want, aux_want = grad_fn(model.params, want)
+    for key in aux_want:
+        np.testing.assert_allclose(float(aux_got[key]), float(aux_want[key]), rtol=SHARED_RTOL, err_msg=key)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_want), jax.tree.leaves(g_want),
+                          jax.tree.leaves(g_got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=SHARED_RTOL, atol=SHARED_ATOL,
+                                   err_msg=jax.tree_util.keystr(path[0]))
+
+
 @pytest.mark.parametrize("kind,share_prompt,indices,accum", [
     ("sft", False, [0, 1, 2, 3], 1),          # judge rows: the rubric shared
     ("sft", False, [0, 1, 2, 3, 4, 5], 2),    # per micro-batch: judge rows (rubric), actor rows (header)
@@ -547,10 +574,7 @@ SHARED_RTOL, SHARED_ATOL = 1e-4, 1e-5
 ])
 def test_shared_prefix_step_equals_unshared(tiny, kind, share_prompt, indices, accum):
     model, tok = tiny
-    examples = _mixed_examples(tok, kind)
-    if kind == "dpo":
-        examples.ref_logps = np.stack([np.linspace(-60, -20, len(examples)), np.linspace(-30, -80, len(examples))],
-                                      axis=1).astype(np.float32)
+    examples = _examples_with_reference(tok, kind)
     size = 4 if len(indices) <= 4 else 8
     shared = make_batch(examples, indices, size, accum, tok.pad_id, 1024)
     plain = make_batch(examples, indices, size, accum, tok.pad_id, 1024, share_prefix=False)
@@ -559,21 +583,7 @@ def test_shared_prefix_step_equals_unshared(tiny, kind, share_prompt, indices, a
     if judge_only:  # the rubric (≥ 250 tokens) runs once: the rows' prefixes are much shorter
         assert shared["shared_mask"].sum(axis=1).max() >= 250
         assert shared["prefix_tokens"].shape[-1] < plain["prefix_tokens"].shape[-1]
-    if kind == "dpo":
-        micro = ts.dpo_objective(model.module, DPOSettings(share_prompt=share_prompt), 1024)
-        denom = jnp.float32(len(indices))
-    else:
-        micro = ts.sft_objective(model.module, 1024)
-        denom = jnp.float32((plain["weights"][..., None] * plain["mask"]).sum())
-    grad_fn = jax.jit(lambda p, b: ts._accumulate(micro, p, b, denom))
-    g_shared, aux_shared = grad_fn(model.params, shared)
-    g_plain, aux_plain = grad_fn(model.params, plain)
-    for key in aux_plain:
-        np.testing.assert_allclose(float(aux_shared[key]), float(aux_plain[key]), rtol=SHARED_RTOL, err_msg=key)
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_plain), jax.tree.leaves(g_plain),
-                          jax.tree.leaves(g_shared)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=SHARED_RTOL, atol=SHARED_ATOL,
-                                   err_msg=jax.tree_util.keystr(path[0]))
+    _assert_same_gradients(model, kind, share_prompt, len(indices), shared, plain)
 
 
 def test_shared_prefix_sharded_sft_step_equals_single_device_unshared(tiny):
@@ -677,31 +687,14 @@ def test_concatenated_slots_are_the_real_tokens_of_the_prompt_then_completion_ro
 def test_packed_step_equals_padded(tiny, kind, share_prompt, indices, accum, shards):
     """The step on the real tokens only (``slots``) gives the padded step's loss, metrics and gradients."""
     model, tok = tiny
-    examples = _mixed_examples(tok, kind)
-    if kind == "dpo":
-        examples.ref_logps = np.stack([np.linspace(-60, -20, len(examples)), np.linspace(-30, -80, len(examples))],
-                                      axis=1).astype(np.float32)
+    examples = _examples_with_reference(tok, kind)
     size = 4 if len(indices) <= 4 else 8
     packed = make_batch(examples, indices, size, accum, tok.pad_id, 1024, shards=shards, pack_at_most=1.0)
     padded = make_batch(examples, indices, size, accum, tok.pad_id, 1024, pack=False)
     # Something to drop: fewer packed places than the two segments' slots.
     places = (packed["slots"].shape[-1] + packed["prefix_slots"].shape[-1]) * shards
     assert places < packed["mask"][0].size + packed["prefix_mask"][0].size
-    if kind == "dpo":
-        micro = ts.dpo_objective(model.module, DPOSettings(share_prompt=share_prompt), 1024)
-        denom = jnp.float32(len(indices))
-    else:
-        micro = ts.sft_objective(model.module, 1024)
-        denom = jnp.float32((padded["weights"][..., None] * padded["mask"]).sum())
-    grad_fn = jax.jit(lambda p, b: ts._accumulate(micro, p, b, denom))
-    g_packed, aux_packed = grad_fn(model.params, packed)
-    g_padded, aux_padded = grad_fn(model.params, padded)
-    for key in aux_padded:
-        np.testing.assert_allclose(float(aux_packed[key]), float(aux_padded[key]), rtol=SHARED_RTOL, err_msg=key)
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_padded), jax.tree.leaves(g_padded),
-                          jax.tree.leaves(g_packed)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=SHARED_RTOL, atol=SHARED_ATOL,
-                                   err_msg=jax.tree_util.keystr(path[0]))
+    _assert_same_gradients(model, kind, share_prompt, len(indices), packed, padded)
 
 
 def test_mixed_matmul_and_its_gradients_match_float64():
