@@ -253,18 +253,15 @@ def sequence_logps(
     module: Any, params: dict, mb: dict, repeats: int, share_prompt: bool, max_logits_mb: int
 ) -> tuple[jax.Array, jax.Array]:
     """Summed completion log-probs and completion token counts, both [b, repeats]."""
-    hidden = completion_hidden(module, params, mb, repeats, share_prompt)
-    targets, unembed = mb["targets"], unembedding(params, module.config)
-    if "slots" in mb:  # the unembedding on the real completion tokens only
-        packed = packing(mb["slots"], *targets.shape)
-        rows, length = packed.slots.shape
-        chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
-        per_token = unpack(packed, token_logps(pack(packed, hidden), unembed, pack(packed, targets), chunk,
-                                               module.split_weights))
-    else:
-        rows, length = targets.shape
-        chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
-        per_token = token_logps(hidden, unembed, targets, chunk, module.split_weights)
+    hidden, targets = completion_hidden(module, params, mb, repeats, share_prompt), mb["targets"]
+    packed = packing(mb["slots"], *targets.shape) if "slots" in mb else None
+    if packed is not None:  # the unembedding on the real completion tokens only: rows [S, n]
+        hidden, targets = pack(packed, hidden), pack(packed, targets)
+    rows, length = targets.shape
+    chunk = logits_chunk(rows, length, module.config.vocab_size, max_logits_mb)
+    per_token = token_logps(hidden, unembedding(params, module.config), targets, chunk, module.split_weights)
+    if packed is not None:
+        per_token = unpack(packed, per_token)
     mask = mb["mask"].astype(jnp.float32)
     sums = jnp.sum(per_token * mask, axis=-1).reshape(-1, repeats)
     counts = jnp.sum(mask, axis=-1).reshape(-1, repeats)

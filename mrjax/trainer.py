@@ -98,11 +98,10 @@ class Trainer:
                 and remat_policy("dots", dtype) is REMAT_POLICIES["full"]):
             log.info("remat 'dots' in bfloat16 on XLA:CPU recomputes each layer (faster there: see remat_policy)")
         self.micro_batch = config.train.batch_size // config.train.grad_accum
-        ways = batch_ways(self.mesh)
-        if self.micro_batch % ways:
-            log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
-                        self.micro_batch, ways)
         self.batch_shards = ts.packing_shards(self.mesh, self.micro_batch)  # real tokens pack shard by shard
+        if self.batch_shards != batch_ways(self.mesh):
+            log.warning("micro-batch of %d rows does not divide over data*fsdp=%d devices: batches are replicated",
+                        self.micro_batch, batch_ways(self.mesh))
         self._logps = _memo(
             ("logps", self.module, self.mesh, self.kind, self.dpo.share_prompt, config.train.max_logits_mb),
             lambda: ts.make_logps_fn(self.module, self.mesh, model.param_shardings, 2 if self.kind == "dpo" else 1,

@@ -1,7 +1,9 @@
 """Test setup: an 8-device simulated CPU mesh (set before jax is imported) and shared fixtures."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from loop_helpers import xla_flags  # stdlib only: jax is not imported yet
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -11,14 +11,24 @@ TINY = REPO / "configs" / "tiny.yaml"
 # XLA's persistent cache shared by the tests' runs, from every pytest-xdist worker (a resumed run, or
 # another worker's run of the same config, reuses the compiled programs; mrjax.cli locks the folder).
 XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
+# XLA:CPU's classic fusion emitters compile the tests' programs 1.5-4x faster than its newer MLIR
+# ones (the default), and most test programs run once or a few times: the suite compiles with them,
+# in its own process (conftest.py) and in the runs it starts. CI's tiny loop (.ci/run) and the
+# benchmarks compile as users do.
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS of a test process with ``devices`` simulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
 
 
 def cli_env(cache_dir=XLA_CACHE) -> dict:
     """The environment of a command line run in a fresh process: one CPU device (the loop's sharded
     paths are the model's and sampler's, tested on 8 devices elsewhere), the repository on the path,
     XLA's cache in ``cache_dir``."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), MRJAX_COMPILATION_CACHE=str(cache_dir))
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), MRJAX_COMPILATION_CACHE=str(cache_dir),
+               XLA_FLAGS=xla_flags(1))
     env.pop("MRJAX_FAULT", None)
     return env
 

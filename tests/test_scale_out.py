@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from loop_helpers import REPO, TINY, XLA_CACHE, rows
+from loop_helpers import REPO, TINY, XLA_CACHE, rows, xla_flags
 
 from mrjax.mesh import MESH_AXES
 
@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 def _env(devices: int, fault: str | None = None, **extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+               XLA_FLAGS=xla_flags(devices), **extra)
     env.pop("MRJAX_FAULT", None)
     if fault:
         env["MRJAX_FAULT"] = fault
