@@ -15,7 +15,14 @@ XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
 # ones (the default), and most test programs run once or a few times: the suite compiles with them,
 # in its own process (conftest.py) and in the runs it starts. CI's tiny loop (.ci/run) and the
 # benchmarks compile as users do.
-TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+def _accepted(flag: str) -> str:
+    """``flag`` where this jaxlib's XLA knows it, else "": an unknown flag in XLA_FLAGS aborts the process."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag))
+    return flag if probe.returncode == 0 else ""
+
+
+TEST_XLA_FLAGS = _accepted("--xla_cpu_use_fusion_emitters=false")
 
 
 def xla_flags(devices: int = 1) -> str:
