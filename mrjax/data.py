@@ -538,10 +538,10 @@ def make_batch(
     With a ``shape`` (the rows' ``batch_groups`` group's), the shared part is the group's and the
     arrays have the group's lengths, whatever rows the batch holds.
 
-    With ``pack`` (and enough padding to drop: packed, at most ``pack_at_most`` of the slots), ``prefix_slots`` [A, shards, Np] and ``slots`` [A, shards, Nc] list
-    where the real tokens of the prefix and completion segments are: each micro-batch's rows cut into
-    ``shards`` (the mesh's batch shards), the flat slot within its shard (spare places: the shard's slot
-    count). The step then runs the per-token work on those tokens only (``mrjax.model.llama.Packing``).
+    With ``pack``, where packing keeps at most ``pack_at_most`` of the slots, ``prefix_slots``
+    [A, shards, Np] and ``slots`` [A, shards, Nc] list where the real tokens of the prefix and completion
+    segments are: each micro-batch's rows cut into ``shards`` (the mesh's batch shards), the flat slot
+    within its shard (spare places: the shard's slot count). The step then runs the per-token work on those tokens only (``mrjax.model.llama.Packing``).
     Np and Nc are the group's bound with a ``shape`` (so the group still compiles one program), else
     the batch's own; both rounded up to ``pad_multiple``.
     """
