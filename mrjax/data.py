@@ -541,7 +541,8 @@ def make_batch(
     With ``pack``, where packing keeps at most ``pack_at_most`` of the slots, ``prefix_slots``
     [A, shards, Np] and ``slots`` [A, shards, Nc] list where the real tokens of the prefix and completion
     segments are: each micro-batch's rows cut into ``shards`` (the mesh's batch shards), the flat slot
-    within its shard (spare places: the shard's slot count). The step then runs the per-token work on those tokens only (``mrjax.model.llama.Packing``).
+    within its shard (spare places: the shard's slot count). The step then runs the per-token work on
+    those tokens only (``mrjax.model.llama.Packing``).
     Np and Nc are the group's bound with a ``shape`` (so the group still compiles one program), else
     the batch's own; both rounded up to ``pad_multiple``.
     """
@@ -672,7 +673,8 @@ def real_token_slots(batch: dict[str, np.ndarray], shards: int = 1, pad_multiple
     n_completion = size(mask, shape.longest_completions if shape else (), repeats, completion_slots)
     if n_prefix + n_completion > at_most * (prefix_slots + completion_slots):
         return {}
-    return {"prefix_slots": _slot_lists(prefix_mask, shards, n_prefix), "slots": _slot_lists(mask, shards, n_completion)}
+    return {"prefix_slots": _slot_lists(prefix_mask, shards, n_prefix),
+            "slots": _slot_lists(mask, shards, n_completion)}
 
 
 @dataclasses.dataclass

@@ -11,10 +11,8 @@ TINY = REPO / "configs" / "tiny.yaml"
 # XLA's persistent cache shared by the tests' runs, from every pytest-xdist worker (a resumed run, or
 # another worker's run of the same config, reuses the compiled programs; mrjax.cli locks the folder).
 XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
-# XLA:CPU's classic fusion emitters compile the tests' programs 1.5-4x faster than its newer MLIR
-# ones (the default), and most test programs run once or a few times: the suite compiles with them,
-# in its own process (conftest.py) and in the runs it starts. CI's tiny loop (.ci/run) and the
-# benchmarks compile as users do.
+
+
 def _accepted(flag: str) -> str:
     """``flag`` where this jaxlib's XLA knows it, else "": an unknown flag in XLA_FLAGS aborts the process."""
     probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
@@ -22,6 +20,10 @@ def _accepted(flag: str) -> str:
     return flag if probe.returncode == 0 else ""
 
 
+# XLA:CPU's classic fusion emitters compile the tests' programs 1.5-4x faster than its newer MLIR
+# ones (the default), and most test programs run once or a few times: the suite compiles with them,
+# in its own process (conftest.py) and in the runs it starts. CI's tiny loop (.ci/run) and the
+# benchmarks compile as users do (there the classic emitters' programs run slower).
 TEST_XLA_FLAGS = _accepted("--xla_cpu_use_fusion_emitters=false")
 
 
