@@ -558,10 +558,9 @@ def _assert_same_gradients(model, kind, share_prompt, pairs, got, want):
     g_want, aux_want = grad_fn(model.params, want)
     for key in aux_want:
         np.testing.assert_allclose(float(aux_got[key]), float(aux_want[key]), rtol=SHARED_RTOL, err_msg=key)
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g_want), jax.tree.leaves(g_want),
-                          jax.tree.leaves(g_got)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_want), jax.tree.leaves(g_got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=SHARED_RTOL, atol=SHARED_ATOL,
-                                   err_msg=jax.tree_util.keystr(path[0]))
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("kind,share_prompt,indices,accum", [
