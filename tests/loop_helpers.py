@@ -14,10 +14,13 @@ XLA_CACHE = Path(tempfile.gettempdir()) / "mrjax-test-xla-cache"
 
 
 def _accepted(flag: str) -> str:
-    """``flag`` where this jaxlib's XLA knows it, else "": an unknown flag in XLA_FLAGS aborts the process."""
-    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag))
-    return flag if probe.returncode == 0 else ""
+    """``flag`` where this jaxlib's XLA knows it, else "": an unknown flag in XLA_FLAGS aborts the process.
+    The answer is kept in the environment, so the pytest-xdist workers (started from it) do not ask again."""
+    if "MRJAX_TEST_XLA_FLAGS" not in os.environ:
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                               env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag))
+        os.environ["MRJAX_TEST_XLA_FLAGS"] = flag if probe.returncode == 0 else ""
+    return os.environ["MRJAX_TEST_XLA_FLAGS"]
 
 
 # XLA:CPU's classic fusion emitters compile the tests' programs 1.5-4x faster than its newer MLIR
